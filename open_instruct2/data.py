@@ -1,0 +1,277 @@
+"""Prompts: the dataset mixer, row validation, chat templates, prompt filtering, a resumable sampler.
+
+Rows follow open-instruct's RLVR format: `messages` (a chat list; a trailing assistant turn is dropped from
+the prompt), `ground_truth` (a string, or a list for rows with several verifiers), `dataset` (the verifier
+name, or a list of them). Sources are hub datasets (`datasets.load_dataset`), local .jsonl / .json /
+.parquet files (the split is ignored: a file is one split), or `builtin:<name>`.
+"""
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bootstrap import is_builtin, load_builtin_dataset
+from .config import parse_mixer
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+
+# Named chat templates for tokenizers without one (or to override it): --chat_template_name.
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "tulu": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    ),
+    "simple": (
+        "{% for message in messages %}{{ message['role'].capitalize() + ': ' + message['content'] + '\n\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    ),
+}
+
+
+@dataclass
+class Prompt:
+    """One tokenised prompt with what the rewards need."""
+
+    prompt_ids: list[int]
+    messages: list[dict]
+    ground_truth: list[str]
+    """One ground truth per verifier."""
+    verifiers: list[str]
+    """Verifier names from the row's `dataset` field."""
+    source: str
+
+
+@dataclass
+class PromptBatch:
+    """The prompts of one rollout batch (each is sampled num_samples_per_prompt_rollout times)."""
+
+    prompts: list[Prompt]
+    indices: list[int]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_local(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise DataError(f"dataset file {path!r} not found; check the path in --dataset_mixer_list")
+    try:
+        if path.endswith(".jsonl"):
+            rows = []
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, start=1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{path} line {n}: not valid JSON ({e.msg}); fix or remove the line") from None
+            return rows
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                try:
+                    data = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); a .json file holds a list of rows") from None
+            if not isinstance(data, list):
+                raise DataError(f"{path}: a .json dataset must hold a list of rows, found {type(data).__name__}")
+            return data
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e}); check the file") from None
+
+
+def _read_hub(name: str, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split).to_list()
+    except Exception as e:  # network, unknown name, unknown split: all are the user's to fix
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(
+            f"cannot load hub dataset {name!r} split {split!r}: {reason[:300]}; check the name and split, the network, or use a local .jsonl file"
+        ) from None
+
+
+def load_rows(source: str, split: str) -> list[dict]:
+    if is_builtin(source):
+        return load_builtin_dataset(source, split)
+    if source.endswith((".jsonl", ".json", ".parquet")):
+        return _read_local(source)
+    return _read_hub(source, split)
+
+
+def take(rows: list[dict], amount: float | int) -> list[dict]:
+    """open-instruct mixer semantics: a float is a fraction of the rows (above 1.0 repeats them), an int a
+    row count (repeating when larger than the source). Rows are taken in order; the sampler shuffles."""
+    n = int(round(amount * len(rows))) if isinstance(amount, float) else amount
+    if not rows or n <= 0:
+        return []
+    return [rows[i % len(rows)] for i in range(n)]
+
+
+def mix(mixer_list: list[str], splits: list[str], flag: str = "dataset_mixer_list") -> list[tuple[str, int, dict]]:
+    """(source, row number within its source, row) for every row of the mix, sources in order."""
+    out = []
+    for source, amount, split in parse_mixer(mixer_list, splits, flag):
+        rows = load_rows(source, split)
+        if not rows:
+            raise DataError(f"{source!r} split {split!r} has no rows; check --{flag}")
+        chosen = take(rows, amount)
+        out.extend((source, i % len(rows) + 1, row) for i, row in enumerate(chosen))
+        log.info("data: %s [%s]: %d of %d rows", source, split, len(chosen), len(rows))
+    return out
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_row(row: dict, where: str) -> tuple[list[dict], list[str], list[str]]:
+    """Check one row; return (messages, ground truths, verifier names). Raises DataError naming the row."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be an object with messages, ground_truth, dataset; got {type(row).__name__}")
+    missing = [k for k in ("messages", "ground_truth", "dataset") if k not in row]
+    if missing:
+        raise DataError(f"{where}: missing {', '.join(missing)}; each row needs messages, ground_truth and dataset")
+    messages = row["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] must be {{'role': one of {'/'.join(ROLES)}, 'content': a string}}, got {str(m)[:80]}")
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]  # a reference answer in the chat is not part of the prompt
+    if not any(m["role"] == "user" for m in messages):
+        raise DataError(f"{where}: 'messages' has no user turn")
+    truths, names = row["ground_truth"], row["dataset"]
+    truths = truths if isinstance(truths, list) else [truths]
+    names = names if isinstance(names, list) else [names]
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise DataError(f"{where}: 'dataset' must be a verifier name or a list of names, got {row['dataset']!r}")
+    if not all(isinstance(t, (str, int, float)) for t in truths):
+        raise DataError(f"{where}: 'ground_truth' must be a string or a list of strings, got {str(row['ground_truth'])[:80]}")
+    if len(names) > 1 and len(truths) != len(names):
+        raise DataError(f"{where}: {len(names)} verifiers in 'dataset' but {len(truths)} ground truths; give one per verifier")
+    truths = [str(t) for t in truths]
+    if len(names) == 1 and len(truths) > 1:
+        truths = [json.dumps(truths)]  # one verifier given several acceptable answers
+    return messages, truths, names
+
+
+# ---------------------------------------------------------------- tokenisation
+
+
+def set_chat_template(tokenizer, chat_template_name: str | None) -> None:
+    """Install the named template, or check that the tokenizer has its own."""
+    if chat_template_name is not None:
+        if chat_template_name not in CHAT_TEMPLATES:
+            raise DataError(f"--chat_template_name {chat_template_name!r} is unknown; choose one of {', '.join(CHAT_TEMPLATES)}")
+        tokenizer.chat_template = CHAT_TEMPLATES[chat_template_name]
+    elif not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"the tokenizer has no chat template; set --chat_template_name ({', '.join(CHAT_TEMPLATES)})")
+
+
+def read_system_prompt(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as e:
+        raise DataError(f"--system_prompt_file {path!r}: cannot read it ({e.strerror}); check the path") from None
+
+
+def tokenize_prompt(tokenizer, messages: list[dict], add_bos: bool = False) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    if hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    ids = list(ids)
+    if add_bos and tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def build_prompts(
+    mixer_list: list[str],
+    splits: list[str],
+    tokenizer,
+    max_prompt_token_length: int,
+    system_prompt: str | None = None,
+    add_bos: bool = False,
+    flag: str = "dataset_mixer_list",
+) -> list[Prompt]:
+    """Load, validate and tokenise the mix; drop prompts over the length limit (counted in the log)."""
+    prompts, too_long = [], 0
+    for source, row_number, row in mix(mixer_list, splits, flag):
+        messages, truths, names = validate_row(row, f"{source} row {row_number}")
+        if system_prompt is not None:
+            messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
+        ids = tokenize_prompt(tokenizer, messages, add_bos)
+        if len(ids) > max_prompt_token_length:
+            too_long += 1
+            continue
+        prompts.append(Prompt(ids, messages, truths, names, source))
+    if too_long:
+        log.info("data: dropped %d prompts longer than max_prompt_token_length=%d", too_long, max_prompt_token_length)
+    if not prompts:
+        raise DataError(
+            f"no prompts left: all {too_long} are longer than --max_prompt_token_length {max_prompt_token_length}; raise it or use shorter prompts"
+        )
+    return prompts
+
+
+# ---------------------------------------------------------------- sampler
+
+
+class PromptSampler:
+    """Seeded, resumable sampling without replacement: a new permutation per epoch over the prompts.
+
+    Its whole state is (epoch, position); save it with `state_dict` and restore with `load_state_dict`
+    to continue the exact same sequence of batches.
+    """
+
+    def __init__(self, num_prompts: int, seed: int):
+        if num_prompts < 1:
+            raise DataError("the dataset has no prompts")
+        self.num_prompts, self.seed = num_prompts, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_prompts)
+
+    def next_indices(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.position == self.num_prompts:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take_n = min(k - len(out), self.num_prompts - self.position)
+            out.extend(int(i) for i in self._order[self.position : self.position + take_n])
+            self.position += take_n
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_prompts": self.num_prompts}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_prompts"] != self.num_prompts or state["seed"] != self.seed:
+            raise DataError("sampler state is from a different dataset or seed; resume with the same data flags")
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
+
+
+def next_batch(prompts: list[Prompt], sampler: PromptSampler, k: int) -> PromptBatch:
+    indices = sampler.next_indices(k)
+    return PromptBatch([prompts[i] for i in indices], indices)

@@ -1,0 +1,177 @@
+"""GRPO math as pure tensor functions: advantages, KL estimators, clipped policy loss, aggregation.
+
+Nothing here reads a config, logs, or calls `.item()`; every function takes tensors and plain values and
+returns new tensors. Shapes: N = samples in a rollout batch, G = samples per prompt, B = sequences in a
+micro-batch, T = response tokens (padded).
+
+Simplifications and choices, for a reader comparing with other trainers:
+- Group std is the population std (ddof=0), as open-instruct computes it with numpy; TRL uses ddof=1.
+- KL is a per-token penalty added to the loss (not folded into the reward), as in open-instruct and TRL.
+- Variants (KL estimator, advantage normalisation, loss aggregation) are chosen by name from the dicts
+  below; the config's allowed values are these dicts' keys.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------- advantages
+
+
+def _group(rewards: Tensor, group_size: int) -> Tensor:
+    """(N,) -> (N // G, G); samples of one prompt are contiguous."""
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
+    return rewards.view(-1, group_size)
+
+
+def advantages_standard(rewards: Tensor, group_size: int) -> Tensor:
+    """(r - group mean) / (group std + 1e-8). rewards (N,) -> (N,)."""
+    grouped = _group(rewards, group_size)  # (N/G, G)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, unbiased=False, keepdim=True)
+    return ((grouped - mean) / (std + 1e-8)).reshape(-1)
+
+
+def advantages_centered(rewards: Tensor, group_size: int) -> Tensor:
+    """r - group mean (Dr. GRPO: no division by the std). rewards (N,) -> (N,)."""
+    grouped = _group(rewards, group_size)  # (N/G, G)
+    return (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+
+
+ADVANTAGE_NORMALIZATIONS: dict[str, Callable[[Tensor, int], Tensor]] = {
+    "standard": advantages_standard,
+    "centered": advantages_centered,
+}
+
+
+def compute_advantages(rewards: Tensor, group_size: int, normalization: str) -> Tensor:
+    """Per-sample advantages (N,) with the named normalisation."""
+    return _pick(ADVANTAGE_NORMALIZATIONS, normalization, "advantage normalization")(rewards.float(), group_size)
+
+
+def zero_std_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """(N,) bool: True for every sample of a group whose rewards are all equal (no learning signal)."""
+    grouped = _group(rewards, group_size)  # (N/G, G)
+    same = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # (N/G, 1)
+    return same.expand_as(grouped).reshape(-1)
+
+
+# ---------------------------------------------------------------- KL estimators
+# All take d = logprobs - ref_logprobs per token (B, T) and the importance ratio (B, T).
+# kl1 = d, kl2 = d^2 / 2, kl3 = exp(-d) - 1 + d (Schulman's k3: unbiased, always >= 0), kl4 = ratio * d.
+
+
+def kl1(logprobs: Tensor, ref_logprobs: Tensor, ratio: Tensor) -> Tensor:
+    return logprobs - ref_logprobs
+
+
+def kl2(logprobs: Tensor, ref_logprobs: Tensor, ratio: Tensor) -> Tensor:
+    return (logprobs - ref_logprobs).pow(2) / 2
+
+
+def kl3(logprobs: Tensor, ref_logprobs: Tensor, ratio: Tensor) -> Tensor:
+    d = logprobs - ref_logprobs
+    return torch.expm1(-d) + d
+
+
+def kl4(logprobs: Tensor, ref_logprobs: Tensor, ratio: Tensor) -> Tensor:
+    return ratio * (logprobs - ref_logprobs)
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {"kl1": kl1, "kl2": kl2, "kl3": kl3, "kl4": kl4}
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+@dataclass(frozen=True)
+class LossNorm:
+    """Denominators counted over a whole mini-batch before its micro-batch loop, so that the summed
+    micro-batch losses equal the mini-batch loss whatever the micro-batch size."""
+
+    num_tokens: int
+    """Valid response tokens in the mini-batch."""
+    num_sequences: int
+    """Sequences in the mini-batch."""
+    max_response_length: int
+    """The configured response_length (the constant of Dr. GRPO)."""
+
+
+def token_mean(per_token: Tensor, response_mask: Tensor, norm: LossNorm) -> Tensor:
+    """DAPO: every valid token of the mini-batch weighs the same."""
+    return (per_token * response_mask).sum() / max(norm.num_tokens, 1)
+
+
+def sequence_mean(per_token: Tensor, response_mask: Tensor, norm: LossNorm) -> Tensor:
+    """GRPO paper: mean over each sequence's tokens, then mean over sequences."""
+    lengths = response_mask.sum(dim=1).clamp(min=1)  # (B,)
+    return ((per_token * response_mask).sum(dim=1) / lengths).sum() / max(norm.num_sequences, 1)
+
+
+def constant_norm(per_token: Tensor, response_mask: Tensor, norm: LossNorm) -> Tensor:
+    """Dr. GRPO: divide by sequences x response_length, a constant, so length does not bias the gradient."""
+    return (per_token * response_mask).sum() / max(norm.num_sequences * norm.max_response_length, 1)
+
+
+LOSS_AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, LossNorm], Tensor]] = {
+    "token_mean": token_mean,
+    "sequence_mean": sequence_mean,
+    "constant": constant_norm,
+}
+
+
+def aggregate(per_token: Tensor, response_mask: Tensor, norm: LossNorm, mode: str) -> Tensor:
+    """The one place per-token values (B, T) become a scalar; `mode` is a LOSS_AGGREGATIONS key."""
+    return _pick(LOSS_AGGREGATIONS, mode, "loss aggregation")(per_token, response_mask.to(per_token.dtype), norm)
+
+
+# ---------------------------------------------------------------- the GRPO loss
+
+
+def grpo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor | None,
+    advantages: Tensor,
+    response_mask: Tensor,
+    norm: LossNorm,
+    *,
+    clip_lower: float,
+    clip_higher: float,
+    beta: float,
+    kl_estimator: str,
+    aggregation: str,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate plus beta * KL, aggregated by name.
+
+    logprobs (B, T) carry gradients; old_logprobs, ref_logprobs (B, T) and advantages (B,) do not;
+    response_mask (B, T) is 1 on sampled response tokens. Metrics are detached and aggregated with
+    the same denominators, so they add up over micro-batches like the loss does.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    adv = advantages.unsqueeze(1)  # (B, 1)
+    unclipped = -adv * ratio  # (B, T)
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_lower, 1.0 + clip_higher)  # (B, T)
+    per_token = torch.maximum(unclipped, clipped)  # (B, T)
+    metrics = {
+        "policy_loss": aggregate(per_token.detach(), response_mask, norm, aggregation),
+        "clip_fraction": aggregate((clipped > unclipped).float(), response_mask, norm, aggregation),
+        "ratio": aggregate(ratio.detach(), response_mask, norm, aggregation),
+    }
+    if ref_logprobs is not None and beta != 0.0:
+        kl = _pick(KL_ESTIMATORS, kl_estimator, "KL estimator")(logprobs, ref_logprobs, ratio)  # (B, T)
+        per_token = per_token + beta * kl
+        metrics["kl"] = aggregate(kl.detach(), response_mask, norm, aggregation)
+    loss = aggregate(per_token, response_mask, norm, aggregation)
+    return loss, metrics
+
+
+def _pick(table: dict, name: str, what: str):
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(table)}")
+    return table[name]
