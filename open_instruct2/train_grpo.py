@@ -5,7 +5,9 @@ Parse (HfArgumentParser; a YAML file first, flags after it override) -> smoke-te
 stderr and exit code 2; nothing on disk has been touched by then.
 """
 
+import argparse
 import json
+import textwrap
 import logging
 import os
 import sys
@@ -18,6 +20,13 @@ from .errors import ConfigError, UserError
 
 EXIT_USER_ERROR = 2
 API_KEY_ENV = "OPEN_INSTRUCT2_REFERENCE_API_KEY"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help lines wrapped at spaces only, so names like mini-batch or open-instruct stay whole."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 class Parser(HfArgumentParser):
@@ -34,6 +43,7 @@ def build_parser() -> Parser:
         usage="%(prog)s [cfg.yaml] [--flag value ...]",
         description="Single-process GRPO trainer. A YAML file may come first; flags after it override it.",
         allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
 
 

@@ -1,0 +1,82 @@
+"""Shared fixtures: the builtin model (converted once, cached), a tiny random model built on its
+tokenizer, and a helper that runs the real entry point as a subprocess."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Tests share one conversion cache inside the checkout (ignored by git) unless the caller chose one.
+os.environ.setdefault("OPEN_INSTRUCT2_CACHE", str(REPO / ".cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach a hub silently
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+BUILTIN = "builtin:smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def builtin_model_dir() -> Path:
+    from open_instruct2.bootstrap import ensure_builtin_model
+
+    return ensure_builtin_model(BUILTIN)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(builtin_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(builtin_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, builtin_model_dir, tokenizer) -> Path:
+    """A random llama (2 layers, hidden 64) with the builtin tokenizer: sub-second steps for unit tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def run_cli(*args, env=None, timeout=600, cwd=None) -> subprocess.CompletedProcess:
+    """Run `python -m open_instruct2.train_grpo` as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "open_instruct2.train_grpo", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd or REPO,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, exactly one line on stderr, no traceback, naming what the test expects."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-3000:]}"
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]

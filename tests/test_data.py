@@ -1,0 +1,139 @@
+"""Dataset mixer semantics, row validation, chat templates, prompt filtering, the resumable sampler."""
+
+import json
+
+import pytest
+
+from open_instruct2 import data
+from open_instruct2.errors import ConfigError, DataError
+
+
+def rows(n, tag):
+    return [{"messages": [{"role": "user", "content": f"{tag} question {i}"}], "ground_truth": str(i), "dataset": "gsm8k"} for i in range(n)]
+
+
+def write_jsonl(path, items):
+    path.write_text("".join(json.dumps(r) + "\n" for r in items))
+    return str(path)
+
+
+def test_fraction_vs_count_and_several_sources(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", rows(10, "a"))
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(rows(4, "b")))
+    mixed = data.mix([a, "0.5", str(b), "6"], ["train"])
+    sources = [s for s, _, _ in mixed]
+    assert sources.count(a) == 5  # '0.5' has a dot: half of 10 rows
+    assert sources.count(str(b)) == 6  # '6' has none: six rows, repeating the 4-row source
+    assert [r["ground_truth"] for s, _, r in mixed if s == str(b)] == ["0", "1", "2", "3", "0", "1"]
+    assert len(data.mix([a, "2.0"], ["train"])) == 20  # a fraction above 1 repeats
+    assert len(data.mix([a, "1"], ["train"])) == 1  # '1' is one row, '1.0' is all of them
+    assert len(data.mix([a, "1.0"], ["train"])) == 10
+
+
+def test_parquet_and_builtin_sources(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist(rows(3, "p")), path)
+    mixed = data.mix([str(path), "1.0", "builtin:arithmetic", "100"], ["train"])
+    assert len(mixed) == 103
+    test_rows = data.mix(["builtin:arithmetic", "1.0"], ["test"])
+    assert {r["messages"][0]["content"] for _, _, r in test_rows}.isdisjoint(r["messages"][0]["content"] for _, _, r in mixed)
+
+
+def test_per_source_splits():
+    mixed = data.mix(["builtin:arithmetic", "5", "builtin:arithmetic", "5"], ["train", "test"])
+    from open_instruct2.bootstrap import arithmetic_rows
+
+    assert [r for _, _, r in mixed] == arithmetic_rows("train")[:5] + arithmetic_rows("test")[:5]
+
+
+@pytest.mark.parametrize(
+    "row,needle",
+    [
+        ({"ground_truth": "1", "dataset": "gsm8k"}, "missing messages"),
+        ({"messages": [], "ground_truth": "1", "dataset": "gsm8k"}, "non-empty list"),
+        ({"messages": [{"role": "robot", "content": "x"}], "ground_truth": "1", "dataset": "gsm8k"}, "messages[0]"),
+        ({"messages": [{"role": "user", "content": 5}], "ground_truth": "1", "dataset": "gsm8k"}, "messages[0]"),
+        ({"messages": [{"role": "system", "content": "x"}], "ground_truth": "1", "dataset": "gsm8k"}, "no user turn"),
+        ({"messages": [{"role": "user", "content": "x"}], "ground_truth": ["1", "2"], "dataset": ["gsm8k", "math", "ifeval"]}, "one per verifier"),
+        ({"messages": [{"role": "user", "content": "x"}], "ground_truth": "1", "dataset": ""}, "verifier name"),
+        ({"messages": [{"role": "user", "content": "x"}], "ground_truth": {"a": 1}, "dataset": "gsm8k"}, "ground_truth"),
+        ("just a string", "must be an object"),
+    ],
+)
+def test_malformed_rows_name_file_and_row(tmp_path, tokenizer, row, needle):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows(2, "ok") + [row])
+    with pytest.raises(DataError) as err:
+        data.build_prompts([path, "1.0"], ["train"], tokenizer, 256)
+    assert f"{path} row 3" in str(err.value) and needle in str(err.value)
+
+
+def test_invalid_json_line_and_missing_file(tmp_path, tokenizer):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(rows(1, "x")[0]) + "\n{not json\n")
+    with pytest.raises(DataError, match="broken.jsonl line 2: not valid JSON"):
+        data.mix([str(path), "1.0"], ["train"])
+    with pytest.raises(DataError, match="not found"):
+        data.mix([str(tmp_path / "gone.jsonl"), "1.0"], ["train"])
+    with pytest.raises(ConfigError, match="pairs"):
+        data.mix(["builtin:arithmetic"], ["train"])
+
+
+def test_hub_failure_is_a_clear_error():
+    # HF_DATASETS_OFFLINE=1 (conftest): the real hub path runs and fails fast without a network.
+    with pytest.raises(DataError, match="cannot load hub dataset 'ai2-adapt-dev/rlvr_gsm8k_zs'"):
+        data.mix(["ai2-adapt-dev/rlvr_gsm8k_zs", "1.0"], ["train"])
+
+
+def test_chat_template_system_prompt_and_trailing_assistant(tmp_path, tokenizer):
+    items = [{"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}], "ground_truth": "4", "dataset": "gsm8k"}]
+    path = write_jsonl(tmp_path / "d.jsonl", items)
+    (tmp_path / "sys.txt").write_text("Answer briefly.\n")
+    [prompt] = data.build_prompts([path, "1.0"], ["train"], tokenizer, 256, system_prompt=data.read_system_prompt(str(tmp_path / "sys.txt")))
+    text = tokenizer.decode(prompt.prompt_ids)
+    assert text == "<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt.ground_truth == ["4"] and prompt.verifiers == ["gsm8k"]
+
+
+def test_named_chat_template(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    data.set_chat_template(tok, "simple")
+    ids = data.tokenize_prompt(tok, [{"role": "user", "content": "Hi"}])
+    assert tok.decode(ids) == "User: Hi\n\nAssistant:"
+    with pytest.raises(DataError, match="chat_template_name 'nope' is unknown"):
+        data.set_chat_template(tok, "nope")
+    tok.chat_template = None
+    with pytest.raises(DataError, match="no chat template"):
+        data.set_chat_template(tok, None)
+
+
+def test_long_prompts_dropped_and_empty_result_is_an_error(tmp_path, tokenizer, caplog):
+    items = rows(3, "short") + [{"messages": [{"role": "user", "content": "word " * 300}], "ground_truth": "1", "dataset": "gsm8k"}]
+    path = write_jsonl(tmp_path / "d.jsonl", items)
+    with caplog.at_level("INFO"):
+        prompts = data.build_prompts([path, "1.0"], ["train"], tokenizer, 64)
+    assert len(prompts) == 3 and "dropped 1 prompts" in caplog.text
+    with pytest.raises(DataError, match="no prompts left"):
+        data.build_prompts([path, "1.0"], ["train"], tokenizer, 5)
+
+
+def test_sampler_is_seeded_covers_each_epoch_and_resumes():
+    s = data.PromptSampler(10, seed=3)
+    first_epoch = s.next_indices(10)
+    assert sorted(first_epoch) == list(range(10))
+    assert data.PromptSampler(10, seed=3).next_indices(10) == first_epoch
+    assert data.PromptSampler(10, seed=4).next_indices(10) != first_epoch
+    s = data.PromptSampler(10, seed=3)
+    s.next_indices(7)
+    state = s.state_dict()
+    expected = s.next_indices(9)  # crosses into the second epoch
+    resumed = data.PromptSampler(10, seed=3)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    assert resumed.next_indices(9) == expected
+    with pytest.raises(DataError, match="different dataset"):
+        data.PromptSampler(11, seed=3).load_state_dict(state)
