@@ -232,6 +232,10 @@ class RewardConfig:
     """Reward given to truncated responses when non_stop_penalty is on."""
     only_reward_good_outputs: bool = False
     """Give the verifiable reward only to responses that also stopped on their own."""
+    remap_verifier: Optional[list[str]] = None
+    """Rename verifiers named in the data, as old=new pairs, e.g. --remap_verifier math=strict_math."""
+    verifier_module: Optional[str] = None
+    """Python file that registers extra verifiers with open_instruct2.verifiers.register(name, doc)."""
 
 
 @documented("rubrics")
@@ -553,6 +557,10 @@ def validate(cfg: Config) -> None:
     for source, _, _ in parse_mixer(data.dataset_mixer_list, data.dataset_mixer_list_splits, "dataset_mixer_list"):
         if source.endswith((".jsonl", ".json", ".parquet")):
             _require(os.path.isfile(source), f"--dataset_mixer_list: file {source!r} not found; check the path")
+    for pair in rw.remap_verifier or []:
+        _require(pair.count("=") == 1 and all(pair.split("=")), f"--remap_verifier {pair!r} must look like old=new")
+    if rw.verifier_module is not None:
+        _require(os.path.isfile(rw.verifier_module), f"--verifier_module {rw.verifier_module!r} not found; check the path")
     if data.system_prompt_file is not None:
         _require(os.path.isfile(data.system_prompt_file), f"--system_prompt_file {data.system_prompt_file!r} not found; check the path")
     run_dir = os.path.join(cfg.experiment.output_dir, cfg.experiment.run_name) if cfg.experiment.run_name else None

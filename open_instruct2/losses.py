@@ -153,6 +153,10 @@ def grpo_loss(
     response_mask (B, T) is 1 on sampled response tokens. Metrics are detached and aggregated with
     the same denominators, so they add up over micro-batches like the loss does.
     """
+    # Outside the mask inputs may be garbage (padding): zero them before any exp, so inf * 0 can't be nan.
+    mask = response_mask.bool()
+    logprobs = torch.where(mask, logprobs, 0.0)
+    old_logprobs = torch.where(mask, old_logprobs, 0.0)
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
     adv = advantages.unsqueeze(1)  # (B, 1)
     unclipped = -adv * ratio  # (B, T)
@@ -164,6 +168,7 @@ def grpo_loss(
         "ratio": aggregate(ratio.detach(), response_mask, norm, aggregation),
     }
     if ref_logprobs is not None and beta != 0.0:
+        ref_logprobs = torch.where(mask, ref_logprobs, 0.0)
         kl = _pick(KL_ESTIMATORS, kl_estimator, "KL estimator")(logprobs, ref_logprobs, ratio)  # (B, T)
         per_token = per_token + beta * kl
         metrics["kl"] = aggregate(kl.detach(), response_mask, norm, aggregation)

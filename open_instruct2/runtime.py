@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import RuntimeConfig
+from .config import Config, RuntimeConfig, derive
 from .errors import ConfigError
 
 
@@ -171,3 +171,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def shares_cpu_with_server(cfg: Config) -> bool:
+    """A vLLM reference launched on this machine competes for its CPU cores unless it runs on a GPU."""
+    return cfg.reference.reference_mode == "launch_local_vllm" and cfg.optim.beta > 0 and not cuda_available()
+
+
+def resolved_summary(cfg: Config) -> dict:
+    """Runtime, derived numbers and every flag (secrets masked): printed by --dry_run, saved in the run
+    folder, logged once."""
+    from dataclasses import asdict
+
+    runtime = resolve_runtime(cfg.runtime, shares_cpu_with_server=shares_cpu_with_server(cfg))
+    return {"runtime": runtime.describe(), "derived": asdict(derive(cfg)), "flags": cfg.masked()}

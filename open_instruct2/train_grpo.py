@@ -15,7 +15,7 @@ import sys
 import yaml
 from transformers import HfArgumentParser
 
-from .config import GROUPS, SECRET_FIELDS, Config, apply_smoke_test, derive, validate
+from .config import GROUPS, SECRET_FIELDS, Config, apply_smoke_test, validate
 from .errors import ConfigError, UserError
 
 EXIT_USER_ERROR = 2
@@ -87,19 +87,6 @@ def parse_config(argv: list[str]) -> Config:
     return cfg
 
 
-def resolved_summary(cfg: Config) -> dict:
-    """The resolved configuration (secrets masked), runtime and derived numbers: printed by --dry_run,
-    saved in the run folder, logged once."""
-    from dataclasses import asdict
-
-    from .runtime import resolve_runtime
-
-    derived = derive(cfg)
-    shares_cpu = cfg.reference.reference_mode == "launch_local_vllm" and cfg.optim.beta > 0
-    runtime = resolve_runtime(cfg.runtime, shares_cpu_with_server=shares_cpu)
-    return {"runtime": runtime.describe(), "derived": asdict(derived), "flags": cfg.masked()}
-
-
 def redact(text: str, cfg: Config) -> str:
     for name in SECRET_FIELDS:
         secret = getattr(cfg.reference, name, None)
@@ -114,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = apply_smoke_test(parse_config(argv))
         logging.basicConfig(
-            level=getattr(logging, cfg.experiment.log_level), format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+            level=getattr(logging, cfg.experiment.log_level), format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
         )
         validate(cfg)
         if cfg.experiment.dry_run:
+            from .runtime import resolved_summary
+
             print(json.dumps(resolved_summary(cfg), indent=2, default=str))
             return 0
         from .trainer import train

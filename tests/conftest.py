@@ -80,3 +80,33 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
     return lines[0]
+
+
+def write_rows(path: Path, n: int = 8) -> str:
+    """A small RLVR dataset in a .jsonl file."""
+    import json
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i} + {i + 1}? Put the final answer after ####."}], "ground_truth": str(2 * i + 1), "dataset": "gsm8k"}
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def tiny_config(tmp_path: Path, model_dir: Path, **overrides):
+    """A Config for in-process tests on the tiny model: fp32, CPU, in-process reference."""
+    from open_instruct2.config import default_config, validate
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_rows(tmp_path / "rows.jsonl")
+    settings = dict(
+        model_name_or_path=str(model_dir), dataset_mixer_list=[data, "1.0"], output_dir=str(tmp_path / "out"),
+        reference_mode="in_process", num_unique_prompts_rollout=2, num_samples_per_prompt_rollout=3,
+        response_length=8, max_prompt_token_length=128, policy_dtype="float32", gradient_checkpointing=False,
+        learning_rate=1e-3, num_training_steps=2, log_samples_freq=1, lora_dropout=0.0,
+    )
+    settings.update(overrides)
+    cfg = default_config(**settings)
+    validate(cfg)
+    return cfg

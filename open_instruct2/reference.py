@@ -1,0 +1,83 @@
+"""Reference log-probs for the KL term, behind one small interface.
+
+Modes: `in_process` (LoRA: the policy itself with adapters disabled, no copy; full: a frozen copy of
+the starting model), `none` (beta = 0: no reference work at all), and the vLLM modes
+(`launch_local_vllm`, `endpoint_vllm`) in reference_vllm.py.
+"""
+
+import logging
+from typing import Protocol
+
+import torch
+
+from .config import Config
+from .policy import load_model, response_logprobs
+from .rollout import Rollouts
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class Reference(Protocol):
+    def logprobs(self, rollouts: Rollouts, rows: list[int]) -> torch.Tensor:
+        """(len(rows), T) reference log-probs of the given samples' response tokens (T = rollouts' width);
+        zero outside each response."""
+
+    def close(self) -> None: ...
+
+
+def batched_logprobs(model, rollouts: Rollouts, rows: list[int], batch_size: int) -> torch.Tensor:
+    """No-grad log-probs of `rows` in micro-batches, as (len(rows), T) aligned with the response mask."""
+    out = torch.zeros(len(rows), rollouts.response_mask.shape[1], device=rollouts.input_ids.device)
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            part = rollouts.rows(chunk)
+            values = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_width)  # (b, t)
+            out[start : start + len(chunk), : values.shape[1]] = values * part.response_mask
+    return out
+
+
+class InProcessReference:
+    """The starting model inside the trainer process."""
+
+    def __init__(self, policy, cfg: Config, runtime: Runtime, batch_size: int):
+        self.batch_size = batch_size
+        self.lora = cfg.lora.train_mode == "lora"
+        if self.lora:
+            self.model = policy  # adapters disabled at scoring time: the base model is the reference
+        else:
+            self.model = load_model(cfg.reference.reference_model_name_or_path or cfg.model.model_name_or_path, cfg, runtime, trainable=False)
+
+    def logprobs(self, rollouts: Rollouts, rows: list[int]) -> torch.Tensor:
+        if not self.lora:
+            return batched_logprobs(self.model, rollouts, rows, self.batch_size)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                return batched_logprobs(self.model, rollouts, rows, self.batch_size)
+        finally:
+            self.model.train(was_training)
+
+    def close(self) -> None:
+        pass
+
+
+def make_reference(cfg: Config, runtime: Runtime, policy, run_dir: str) -> Reference | None:
+    """The configured reference, or None when beta = 0 (no reference work at all)."""
+    mode = cfg.reference.reference_mode
+    if cfg.optim.beta == 0 or mode == "none":
+        if mode != "none":
+            log.info("reference: beta is 0, so --reference_mode %s does no work", mode)
+        return None
+    batch_size = cfg.optim.per_device_train_batch_size
+    if mode == "in_process":
+        if cfg.lora.train_mode == "lora" and cfg.reference.reference_model_name_or_path not in (None, cfg.model.model_name_or_path):
+            from .errors import ConfigError
+
+            raise ConfigError("--reference_mode in_process with LoRA uses the policy's base model; remove --reference_model_name_or_path or train full")
+        return InProcessReference(policy, cfg, runtime, batch_size)
+    from .reference_vllm import make_vllm_reference
+
+    return make_vllm_reference(cfg, runtime, run_dir)

@@ -1,0 +1,83 @@
+"""Reward composition: one reward per sample plus a named breakdown for logging.
+
+    verifiable = verification_reward x verifier score            (apply_verifiable_reward)
+    format     = r1_style_format_reward if <think>..</think><answer>..</answer>, else 0
+    reward     = verifiable + format          (additive_format_reward true)
+               = verifiable if formatted else 0   (additive_format_reward false: the format gates)
+    non_stop_penalty: a 'length'-finished sample's reward is REPLACED by non_stop_penalty_value.
+
+A verifier that raises is not a wrong answer: it scores 0 for that sample, but is counted in
+`reward/verifier_errors` and its first message is logged, so a broken verifier is visible.
+"""
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .config import RewardConfig
+from .verifiers import VERIFIERS
+
+log = logging.getLogger(__name__)
+
+R1_FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+
+
+@dataclass
+class Scores:
+    """Per-sample rewards (N,) and their parts."""
+
+    rewards: torch.Tensor
+    """(N,) the reward GRPO optimises."""
+    breakdown: dict[str, torch.Tensor]
+    """name -> (N,) each component, logged as reward/<name>."""
+    verifier_scores: torch.Tensor
+    """(N,) raw verifier score in [0, 1] (1 = correct)."""
+    verifier_errors: int
+    """Samples whose verifier raised."""
+
+
+def format_score(text: str) -> float:
+    return 1.0 if R1_FORMAT.match(text) else 0.0
+
+
+def verify(text: str, verifiers: list[str], ground_truths: list[str]) -> float:
+    """Score of one response; a row with several verifiers averages them (each on its own ground truth)."""
+    if len(verifiers) == 1:
+        return float(VERIFIERS[verifiers[0]](text, ground_truths[0]))
+    return sum(float(VERIFIERS[v](text, t)) for v, t in zip(verifiers, ground_truths)) / len(verifiers)
+
+
+def compute_scores(
+    texts: list[str],
+    finish_reasons: list[str],
+    verifiers: list[list[str]],
+    ground_truths: list[list[str]],
+    cfg: RewardConfig,
+) -> Scores:
+    n = len(texts)
+    verifier_scores, errors, first_error = torch.zeros(n), 0, None
+    if cfg.apply_verifiable_reward:
+        for i in range(n):
+            try:
+                verifier_scores[i] = verify(texts[i], verifiers[i], ground_truths[i])
+            except Exception as e:  # noqa: BLE001 - any verifier failure is counted, not fatal
+                errors += 1
+                first_error = first_error or f"{verifiers[i]}: {type(e).__name__}: {e}"
+    if errors:
+        log.warning("reward: %d verifier error(s) this step; first: %s", errors, first_error)
+    verifiable = cfg.verification_reward * verifier_scores
+    formatted = torch.tensor([format_score(t) for t in texts]) if cfg.apply_r1_style_format_reward else torch.ones(n)
+    breakdown = {"verifiable": verifiable}
+    if cfg.apply_r1_style_format_reward:
+        fmt = cfg.r1_style_format_reward * formatted
+        breakdown["format"] = fmt
+        rewards = verifiable + fmt if cfg.additive_format_reward else verifiable * formatted
+    else:
+        rewards = verifiable.clone()
+    if cfg.non_stop_penalty:
+        truncated = torch.tensor([r == "length" for r in finish_reasons])
+        rewards = torch.where(truncated, torch.full_like(rewards, cfg.non_stop_penalty_value), rewards)
+        breakdown["non_stop_penalized"] = truncated.float()
+    return Scores(rewards=rewards, breakdown=breakdown, verifier_scores=verifier_scores, verifier_errors=errors)

@@ -1,0 +1,88 @@
+"""Generation: left padding, hard stop strings, eos cut (eos = pad), finish reasons, seeding."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from open_instruct2.data import Prompt, PromptBatch
+from open_instruct2.rollout import _cut, generate_rollouts
+
+
+def batch_of(tokenizer, questions):
+    from open_instruct2.data import tokenize_prompt
+
+    prompts = []
+    for q in questions:
+        messages = [{"role": "user", "content": q}]
+        prompts.append(Prompt(tokenize_prompt(tokenizer, messages), messages, ["1"], ["gsm8k"], "test"))
+    return PromptBatch(prompts, list(range(len(prompts))))
+
+
+def sample(model, tokenizer, batch, seed, stop=None, n=3, length=16, temperature=1.0):
+    torch.manual_seed(seed)
+    return generate_rollouts(model, tokenizer, batch, num_samples=n, response_length=length, temperature=temperature,
+                             top_p=1.0, stop_strings=stop, device=torch.device("cpu"))
+
+
+def test_layout_and_length_finish(tiny_model_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    batch = batch_of(tokenizer, ["Hi", "What is 12 + 30? Put the final answer after ####."])
+    r = sample(model, tokenizer, batch, 0)
+    P = max(len(p.prompt_ids) for p in batch.prompts)
+    assert r.prompt_width == P and r.input_ids.shape == (6, P + 16)
+    assert r.prompt_index == [0, 0, 0, 1, 1, 1]
+    short = len(batch.prompts[0].prompt_ids)
+    # left padding: the short prompt sits flush against the response
+    assert r.attention_mask[0, : P - short].sum() == 0 and r.attention_mask[0, P - short : P].all()
+    assert r.input_ids[0, P - short : P].tolist() == batch.prompts[0].prompt_ids
+    # a random tiny model never says eos in 16 tokens: every sample runs to the limit
+    assert r.finish_reasons == ["length"] * 6 and r.response_mask.sum(1).tolist() == [16] * 6
+    assert torch.equal(r.attention_mask[:, P:], r.response_mask)
+    # same seed, same rollouts; another seed, other rollouts
+    assert torch.equal(sample(model, tokenizer, batch, 0).input_ids, r.input_ids)
+    assert not torch.equal(sample(model, tokenizer, batch, 1).input_ids, r.input_ids)
+
+
+def test_stop_string_is_a_hard_stop(tiny_model_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    batch = batch_of(tokenizer, ["Tell me a story."])
+    free = sample(model, tokenizer, batch, 3)
+    P = free.prompt_width
+    tokens = free.input_ids[1, P:].tolist()
+    # Choose as stop string the text of tokens 5..6 of sample 1, where it first appears in that sample.
+    stop = tokenizer.decode(tokens[5:7])
+    assert stop.strip() and stop not in tokenizer.decode(tokens[:6])
+    stopped = sample(model, tokenizer, batch, 3, stop=[stop])
+    assert stopped.finish_reasons[1] == "stop"
+    assert stopped.response_mask[1].sum() == 7  # tokens 0..6: the stop string's tokens are kept
+    assert stopped.response_texts[1].endswith(stop)
+    assert stopped.input_ids[1, P : P + 7].tolist() == tokens[:7]
+    # generation of that sequence really ended: the rest is padding and unmasked
+    assert (stopped.input_ids[1, P + 7 :] == tokenizer.pad_token_id).all()
+    # the other samples are untouched (same random stream) unless the string happens to appear in them too
+    for i in (0, 2):
+        if stop not in free.response_texts[i]:
+            assert torch.equal(stopped.input_ids[i, P:P + 16], free.input_ids[i, P:P + 16])
+            assert stopped.finish_reasons[i] == "length"
+
+
+def test_cut_rules():
+    eos = {2}
+    assert _cut([5, 6, 2, 2, 2], eos, None, 5) == (3, "stop")  # first eos, included; pads after equal eos
+    assert _cut([5, 6, 7, 8, 9], eos, None, 5) == (5, "length")
+    assert _cut([5, 6, 7, 2, 2], eos, 3, 5) == (3, "stop")  # stopped by a string at 3: the 2s are padding
+    assert _cut([5, 2, 7, 2, 2], eos, 3, 5) == (2, "stop")  # an eos before the stop point wins
+    assert _cut([2], eos, None, 5) == (1, "stop")
+
+
+def test_real_model_stops_at_eos(builtin_model_dir, tokenizer):
+    """SmolLM2 answers and says <|im_end|> (id 2, which is also its pad): the mask ends at that eos."""
+    model = AutoModelForCausalLM.from_pretrained(str(builtin_model_dir), dtype=torch.float32).eval()
+    batch = batch_of(tokenizer, ["What is 2 + 3? Reply with just the number."])
+    r = sample(model, tokenizer, batch, 0, n=2, length=48, temperature=0.7)
+    P = r.prompt_width
+    for i in range(2):
+        n = int(r.response_mask[i].sum())
+        assert r.finish_reasons[i] == "stop"
+        assert r.input_ids[i, P + n - 1] == tokenizer.eos_token_id  # eos is inside the mask, once
+        assert (r.input_ids[i, P : P + n - 1] != tokenizer.eos_token_id).all()
+        assert "<|im_end|>" not in r.response_texts[i] and r.response_texts[i].strip()
