@@ -55,6 +55,7 @@ test: setup
 
 bench: setup
 	$(VPY) benchmarks/bench_dtype.py
+	$(VPY) benchmarks/bench_verifiers.py
 	$(VPY) benchmarks/bench_reference.py
 
 clean-venv:

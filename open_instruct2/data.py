@@ -49,6 +49,8 @@ class Prompt:
     verifiers: list[str]
     """Verifier names from the row's `dataset` field."""
     source: str
+    row: int = 0
+    """1-based row number within its source, for error messages."""
 
 
 @dataclass
@@ -161,11 +163,11 @@ def validate_row(row: dict, where: str) -> tuple[list[dict], list[str], list[str
         raise DataError(f"{where}: 'dataset' must be a verifier name or a list of names, got {row['dataset']!r}")
     if not all(isinstance(t, (str, int, float)) for t in truths):
         raise DataError(f"{where}: 'ground_truth' must be a string or a list of strings, got {str(row['ground_truth'])[:80]}")
-    if len(names) > 1 and len(truths) != len(names):
-        raise DataError(f"{where}: {len(names)} verifiers in 'dataset' but {len(truths)} ground truths; give one per verifier")
+    if len(names) > 1 and len(truths) not in (1, len(names)):
+        raise DataError(f"{where}: {len(names)} verifiers in 'dataset' but {len(truths)} ground truths; give one per verifier (or one for all)")
     truths = [str(t) for t in truths]
-    if len(names) == 1 and len(truths) > 1:
-        truths = [json.dumps(truths)]  # one verifier given several acceptable answers
+    if len(names) > 1 and len(truths) == 1:
+        truths = truths * len(names)  # one ground truth shared by every verifier of the row
     return messages, truths, names
 
 
@@ -221,7 +223,7 @@ def build_prompts(
         if len(ids) > max_prompt_token_length:
             too_long += 1
             continue
-        prompts.append(Prompt(ids, messages, truths, names, source))
+        prompts.append(Prompt(ids, messages, truths, names, source, row_number))
     if too_long:
         log.info("data: dropped %d prompts longer than max_prompt_token_length=%d", too_long, max_prompt_token_length)
     if not prompts:

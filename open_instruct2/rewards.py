@@ -43,9 +43,14 @@ def format_score(text: str) -> float:
 
 
 def verify(text: str, verifiers: list[str], ground_truths: list[str]) -> float:
-    """Score of one response; a row with several verifiers averages them (each on its own ground truth)."""
+    """Score of one response in [0, 1].
+
+    One verifier, one ground truth: its score. One verifier, several ground truths: the best of them
+    (any listed answer is accepted). Several verifiers (each with its own ground truth): their MEAN, so the
+    reward stays within [0, verification_reward]; open-instruct sums them instead.
+    """
     if len(verifiers) == 1:
-        return float(VERIFIERS[verifiers[0]](text, ground_truths[0]))
+        return max(float(VERIFIERS[verifiers[0]](text, t)) for t in ground_truths)
     return sum(float(VERIFIERS[v](text, t)) for v, t in zip(verifiers, ground_truths)) / len(verifiers)
 
 

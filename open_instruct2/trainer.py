@@ -280,6 +280,9 @@ def prepare_verifiers(prompts: list[Prompt], cfg: Config) -> None:
     for p in prompts:
         p.verifiers = verifiers.resolve_names(p.verifiers, remap)
     verifiers.check_known({v for p in prompts for v in p.verifiers})
+    verifiers.check_ground_truths([(f"{p.source} row {p.row}", p.verifiers, p.ground_truth) for p in prompts])
+    if {"math", "strict_math"} & {v for p in prompts for v in p.verifiers}:
+        verifiers.VERIFIERS["math"]("\\boxed{1}", "1")  # pay math-verify's import and parser set-up now, not in step 1
 
 
 def setup(cfg: Config) -> Run:

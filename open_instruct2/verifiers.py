@@ -1,29 +1,44 @@
 """Answer checking: a registry from verifier name to a function (response text, ground truth) -> [0, 1].
 
 Rows name their verifier in the `dataset` field (open-instruct's RLVR format). Verifiers know strings
-only: no tensors, no config.
+only: no tensors, no config. `python -c "from open_instruct2.verifiers import describe; print(describe())"`
+lists them with their docs. Time is bounded: answers are length-capped before parsing, and math-verify's
+parsing and comparison run under 1-second alarms (main thread), so a pathological expression scores 0
+instead of hanging the run.
 """
 
+import json
 import re
+import string
+from collections import Counter
 from typing import Callable
 
 VerifierFn = Callable[[str, str], float]
 VERIFIERS: dict[str, VerifierFn] = {}
 VERIFIER_DOCS: dict[str, str] = {}
+GROUND_TRUTH_CHECKS: dict[str, Callable[[str], None]] = {}
+MAX_ANSWER_CHARS = 400  # longer extracted answers are not parsed (they are never a short final answer)
 
 
-def register(name: str, doc: str):
-    """Decorator: add a verifier under `name` (user modules use this too)."""
+def register(name: str, doc: str, check_ground_truth: Callable[[str], None] | None = None):
+    """Decorator: add a verifier under `name` (user modules use this too). `check_ground_truth`, if given,
+    validates a row's ground truth at start-up and raises ValueError naming what is wrong."""
 
     def wrap(fn: VerifierFn) -> VerifierFn:
         VERIFIERS[name] = fn
         VERIFIER_DOCS[name] = doc
+        if check_ground_truth is not None:
+            GROUND_TRUTH_CHECKS[name] = check_ground_truth
         return fn
 
     return wrap
 
 
-# ---------------------------------------------------------------- numbers
+def describe() -> str:
+    return "\n".join(f"{name}: {VERIFIER_DOCS[name]}" for name in sorted(VERIFIERS))
+
+
+# ---------------------------------------------------------------- numbers (gsm8k)
 
 _NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -45,7 +60,7 @@ def numbers_equal(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-6 * max(1.0, abs(b))
 
 
-@register("gsm8k", "The number after the last '####', else the last number in the text; commas, '$', trailing '.' and '.0' normalised; compared numerically.")
+@register("gsm8k", "The number after the last '####', else the last number in the text; commas, '$', trailing '.' and '.0' normalised; compared numerically. Numbers written in words score 0.")
 def verify_gsm8k(response: str, ground_truth: str) -> float:
     truth = normalize_number(ground_truth.split("####")[-1])
     if truth is None:
@@ -58,6 +73,136 @@ def verify_gsm8k(response: str, ground_truth: str) -> float:
         candidate = found[-1] if found else None
     value = normalize_number(candidate) if candidate else None
     return float(value is not None and numbers_equal(value, truth))
+
+
+# ---------------------------------------------------------------- math
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} or \\fbox{...}, nested braces respected."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+    return None
+
+
+_ANSWER_PHRASE = re.compile(r"(?:final answer is|the answer is|answer:)\s*\$?(.+?)\$?\s*(?:\.\s|\.?$|\n)", re.IGNORECASE | re.DOTALL)
+
+
+def extract_math_answer(text: str) -> str | None:
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    phrases = _ANSWER_PHRASE.findall(text)
+    return phrases[-1].strip() if phrases else None
+
+
+def _plain(answer: str) -> str:
+    """'\\text{(B)}' -> 'b': text wrappers, $, parentheses, spaces and case removed (for choices and words)."""
+    answer = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", answer)
+    return re.sub(r"[\s$()]", "", answer).lower().rstrip(".")
+
+
+def math_equal(answer: str, truth: str) -> bool:
+    """Mathematical equivalence with math-verify (fractions, decimals, intervals, x=3 vs 3, ...)."""
+    if _plain(answer) == _plain(truth):
+        return True
+    if len(answer) > MAX_ANSWER_CHARS:
+        return False
+    from math_verify import parse, verify
+    from math_verify.parser import ExprExtractionConfig, LatexExtractionConfig
+
+    config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    gold = parse(f"${truth}$", extraction_config=config, parsing_timeout=1)
+    pred = parse(f"${answer}$", extraction_config=config, parsing_timeout=1)
+    return bool(gold and pred and verify(gold, pred, timeout_seconds=1))
+
+
+@register("math", "The last \\boxed{...} (nested braces), else a final-answer phrase ('the answer is X'), compared with the ground truth for mathematical equivalence by math-verify (1/2 = 0.5 = \\frac{1}{2}, intervals, x=3 vs 3); 1-second bounds.")
+def verify_math(response: str, ground_truth: str) -> float:
+    answer = extract_math_answer(response)
+    truths = [t for t in (last_boxed(ground_truth), ground_truth) if t]
+    return float(answer is not None and any(math_equal(answer, t) for t in truths))
+
+
+_MINERVA = re.compile(r"Final Answer: The final answer is (.+?)\. I hope it is correct\.")
+
+
+@register("strict_math", "Only the Minerva form 'Final Answer: The final answer is X. I hope it is correct.' counts; X is compared as in math.")
+def verify_strict_math(response: str, ground_truth: str) -> float:
+    found = _MINERVA.findall(response)
+    return float(bool(found) and math_equal(found[-1].strip().strip("$"), ground_truth))
+
+
+# ---------------------------------------------------------------- strings
+
+
+def normalize_text(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def extract_text_answer(response: str) -> str:
+    """The text after the last 'answer:' (any case), else the whole response."""
+    parts = re.split(r"answer\s*:", response, flags=re.IGNORECASE)
+    return parts[-1].strip()
+
+
+@register("string_matching", "Normalised exact match (lower case, no punctuation or articles) of the text after the last 'answer:' (else the whole response) against the ground truth.")
+def verify_string_matching(response: str, ground_truth: str) -> float:
+    return float(normalize_text(extract_text_answer(response)) == normalize_text(ground_truth))
+
+
+@register("string_f1", "Token F1 between the normalised answer (as in string_matching) and the ground truth.")
+def verify_string_f1(response: str, ground_truth: str) -> float:
+    pred, gold = normalize_text(extract_text_answer(response)).split(), normalize_text(ground_truth).split()
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if not pred or not gold or common == 0:
+        return float(pred == gold)
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _budget(ground_truth: str) -> int:
+    try:
+        value = int(str(ground_truth).strip())
+    except ValueError:
+        raise ValueError(f"length ground truth {ground_truth!r} must be a whole number of words") from None
+    if value <= 0:
+        raise ValueError(f"length ground truth {ground_truth!r} must be > 0")
+    return value
+
+
+def _check_budget(ground_truth: str) -> None:
+    _budget(ground_truth)
+
+
+@register("max_length", "Ground truth N is a budget in WORDS (whitespace-split; verifiers see text, not tokens): score 1 - |words - N| / N, at least 0 (hit the length).", _check_budget)
+def verify_max_length(response: str, ground_truth: str) -> float:
+    n = _budget(ground_truth)
+    return max(0.0, 1.0 - abs(len(response.split()) - n) / n)
+
+
+@register("up_to_max_length", "Ground truth N is a budget in WORDS: 1 up to N words, then 1 - (words - N) / N, at least 0.", _check_budget)
+def verify_up_to_max_length(response: str, ground_truth: str) -> float:
+    n, words = _budget(ground_truth), len(response.split())
+    return 1.0 if words <= n else max(0.0, 1.0 - (words - n) / n)
+
+
+from . import ifeval as _ifeval  # noqa: E402  (registers "ifeval")
 
 
 # ---------------------------------------------------------------- user verifiers, remapping
@@ -104,3 +249,17 @@ def check_known(names: set[str]) -> None:
             f"unknown verifier(s) {', '.join(unknown)} in the data's 'dataset' field; known: {', '.join(sorted(VERIFIERS))}; "
             "map names with --remap_verifier old=new or add one with --verifier_module"
         )
+
+
+def check_ground_truths(rows: list[tuple[str, list[str], list[str]]]) -> None:
+    """Run each verifier's ground-truth check over the whole dataset before training: (where, names, truths)."""
+    from .errors import DataError
+
+    for where, names, truths in rows:
+        for name, truth in zip(names * (len(truths) if len(names) == 1 else 1), truths):
+            check = GROUND_TRUTH_CHECKS.get(name)
+            if check is not None:
+                try:
+                    check(truth)
+                except ValueError as e:
+                    raise DataError(f"{where}: {e}; fix the row's ground_truth") from None

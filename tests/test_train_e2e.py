@@ -106,3 +106,17 @@ def test_smoke_test_on_builtin_defaults(tmp_path):
     run_dir = tmp_path / "out" / "smoke"
     assert (run_dir / "model.safetensors").is_file() and not (run_dir / "checkpoints").exists()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_bad_ground_truth_is_refused_before_training(tmp_path, tiny_model_dir):
+    import json as _json
+
+    from conftest import assert_one_line_error
+
+    rows = [{"messages": [{"role": "user", "content": "Write in French."}], "dataset": "ifeval",
+             "ground_truth": _json.dumps({"instruction_id": ["language:response_language"], "kwargs": [{"language": "fr"}]})}]
+    path = tmp_path / "if.jsonl"
+    path.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    proc = run_cli("--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", path, "1.0", "--reference_mode", "in_process",
+                   "--output_dir", tmp_path / "out", "--num_training_steps", "1")
+    assert_one_line_error(proc, "if.jsonl row 1", "language:response_language", "not supported")
