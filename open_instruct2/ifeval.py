@@ -130,11 +130,7 @@ def parse_ground_truth(ground_truth: str) -> list[tuple[str, dict]]:
     return out
 
 
-def _check(ground_truth: str) -> None:
-    parse_ground_truth(ground_truth)
-
-
-@register("ifeval", "Instruction-following constraints (IFEval ids, e.g. length_constraints:number_words, keywords:existence, punctuation:no_comma, detectable_format:json_format); ground truth {'instruction_id': [...], 'kwargs': [...]}; score = fraction satisfied.", _check)
+@register("ifeval", "Instruction-following constraints (IFEval ids, e.g. length_constraints:number_words, keywords:existence, punctuation:no_comma, detectable_format:json_format); ground truth {'instruction_id': [...], 'kwargs': [...]}; score = fraction satisfied.", parse_ground_truth)
 def verify_ifeval(response: str, ground_truth: str) -> float:
     constraints = parse_ground_truth(ground_truth)
     if not constraints:

@@ -16,13 +16,13 @@ from typing import Callable
 VerifierFn = Callable[[str, str], float]
 VERIFIERS: dict[str, VerifierFn] = {}
 VERIFIER_DOCS: dict[str, str] = {}
-GROUND_TRUTH_CHECKS: dict[str, Callable[[str], None]] = {}
+GROUND_TRUTH_CHECKS: dict[str, Callable[[str], object]] = {}
 MAX_ANSWER_CHARS = 400  # longer extracted answers are not parsed (they are never a short final answer)
 
 
-def register(name: str, doc: str, check_ground_truth: Callable[[str], None] | None = None):
+def register(name: str, doc: str, check_ground_truth: Callable[[str], object] | None = None):
     """Decorator: add a verifier under `name` (user modules use this too). `check_ground_truth`, if given,
-    validates a row's ground truth at start-up and raises ValueError naming what is wrong."""
+    parses a row's ground truth at start-up and raises ValueError naming what is wrong (its result is unused)."""
 
     def wrap(fn: VerifierFn) -> VerifierFn:
         VERIFIERS[name] = fn
@@ -186,17 +186,13 @@ def _budget(ground_truth: str) -> int:
     return value
 
 
-def _check_budget(ground_truth: str) -> None:
-    _budget(ground_truth)
-
-
-@register("max_length", "Ground truth N is a budget in WORDS (whitespace-split; verifiers see text, not tokens): score 1 - |words - N| / N, at least 0 (hit the length).", _check_budget)
+@register("max_length", "Ground truth N is a budget in WORDS (whitespace-split; verifiers see text, not tokens): score 1 - |words - N| / N, at least 0 (hit the length).", _budget)
 def verify_max_length(response: str, ground_truth: str) -> float:
     n = _budget(ground_truth)
     return max(0.0, 1.0 - abs(len(response.split()) - n) / n)
 
 
-@register("up_to_max_length", "Ground truth N is a budget in WORDS: 1 up to N words, then 1 - (words - N) / N, at least 0.", _check_budget)
+@register("up_to_max_length", "Ground truth N is a budget in WORDS: 1 up to N words, then 1 - (words - N) / N, at least 0.", _budget)
 def verify_up_to_max_length(response: str, ground_truth: str) -> float:
     n, words = _budget(ground_truth), len(response.split())
     return 1.0 if words <= n else max(0.0, 1.0 - (words - n) / n)
