@@ -119,3 +119,17 @@ def test_master_weights_keep_small_bf16_updates():
     for _ in range(100):
         naive -= 1e-4
     assert float(naive[0]) == 1.0  # without master weights every update is rounded away
+
+
+def test_scheduler_warm_up_and_decay(tmp_path, tiny_model_dir):
+    """linear schedule, 2 warm-up steps, 2 training steps x 2 mini-batches = 4 optimizer steps:
+    lr after each step = 1e-3 * [1/2, 2/2, then linear decay over the last 2 of 4: 1/2, 0]."""
+    cfg = tiny_config(tmp_path, tiny_model_dir, warm_up_steps=2, num_mini_batches=2, num_training_steps=2)
+    run = trainer.setup(cfg)
+    assert run.derived.optimizer_steps == 4 and run.derived.warmup_steps == 2
+    lrs = [run.scheduler.get_last_lr()[0]]
+    for _ in range(4):
+        run.optimizer.step()
+        run.scheduler.step()
+        lrs.append(run.scheduler.get_last_lr()[0])
+    assert lrs == pytest.approx([0.0, 5e-4, 1e-3, 5e-4, 0.0])
