@@ -1,5 +1,6 @@
 """Every flag, as grouped dataclasses with a docstring under each field (printed by `--help`).
 
+This module is long by design: one typed field and one docstring per flag (about 130 flags).
 Flag names and defaults follow the original open-instruct2 (../shared/ORIGINAL_FLAGS.md). Deliberate
 differences are said in the field's docstring. Cross-field validation lives in `validate` below and
 raises ConfigError naming the flag, the value and the fix; derived numbers live in `derive`.

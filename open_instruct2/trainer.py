@@ -105,7 +105,7 @@ def train(cfg: Config) -> str:
             try:
                 train_step(run, step)
             except ReferenceUnavailable as e:
-                raise UserError(f"the reference endpoint stopped answering at step {step} ({e}); {save_progress(run, step - 1)}") from None
+                raise UserError(f"the reference server stopped answering at step {step} ({e}); {save_progress(run, step - 1)}") from None
         checkpoint.save_final(run.policy, run.tokenizer, run.derived.run_dir, cfg.lora.train_mode == "lora", cfg.lora.save_merged_model)
     finally:
         run.tracker.close()
@@ -167,9 +167,8 @@ def update_policy(run: Run, rollouts: Rollouts, advantages, ref_logprobs, rows: 
         old_logprobs = old_full
         run.policy.train()
     totals, count = defaultdict(float), 0
-    generator = torch.Generator().manual_seed(cfg.experiment.seed + len(rows))
     for _ in range(cfg.optim.num_epochs):
-        order = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
+        order = [rows[i] for i in torch.randperm(len(rows)).tolist()]  # global RNG, seeded at start
         for mini in np.array_split(np.array(order), min(cfg.optim.num_mini_batches, len(order))):
             metrics = backward_mini_batch(run.policy, rollouts, mini.tolist(), advantages, old_logprobs, ref_logprobs, cfg)
             metrics["grad_norm"] = optimizer_step(run)
@@ -271,6 +270,15 @@ def sample_rows(rollouts: Rollouts, prompts: list[Prompt], scores: Scores, limit
 # ---------------------------------------------------------------- setup
 
 
+def make_run_dir(run_dir: str) -> None:
+    """Create the run folder; an existing non-empty one is never reused (two runs in the same second)."""
+    try:
+        os.makedirs(run_dir)
+    except FileExistsError:
+        if os.listdir(run_dir):
+            raise UserError(f"run folder {run_dir} already exists and is not empty; choose another --run_name or move it away") from None
+
+
 def prepare_verifiers(prompts: list[Prompt], cfg: Config) -> None:
     """Load user verifiers, apply --remap_verifier to every prompt, and refuse unknown names up front."""
     if cfg.reward.verifier_module:
@@ -302,7 +310,7 @@ def setup(cfg: Config) -> Run:
         prepare_verifiers(prompts, cfg)
     log.info("data: %d prompts", len(prompts))
     policy = load_policy(cfg, runtime)
-    os.makedirs(derived.run_dir, exist_ok=True)
+    make_run_dir(derived.run_dir)
     reference = make_reference(cfg, runtime, policy, tokenizer, derived.run_dir)
     master = MasterWeights(trainable_parameters(policy))
     optimizer = torch.optim.AdamW(master.optim_params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)

@@ -193,7 +193,7 @@ def test_endpoint_that_dies_stops_with_exit_2_after_a_checkpoint(vllm_server, tm
     proc = run_cli(*e2e_args(tmp_path, "--reference_mode", "endpoint_vllm", "--reference_endpoint", proxy.url,
                              "--reference_api_key", API_KEY, "--num_training_steps", "4", "--reference_max_retries", "1",
                              "--filter_zero_std_groups", "false"))
-    line = assert_one_line_error(proc, "stopped answering at step 3", "step_2")
+    line = assert_one_line_error(proc, "reference server stopped answering at step 3", "step_2")
     run_dir = tmp_path / "out" / "r"
     assert (run_dir / "checkpoints" / "step_2" / "model.safetensors").is_file()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2

@@ -120,3 +120,17 @@ def test_bad_ground_truth_is_refused_before_training(tmp_path, tiny_model_dir):
     proc = run_cli("--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", path, "1.0", "--reference_mode", "in_process",
                    "--output_dir", tmp_path / "out", "--num_training_steps", "1")
     assert_one_line_error(proc, "if.jsonl row 1", "language:response_language", "not supported")
+
+
+def test_an_existing_run_folder_is_never_reused(tmp_path):
+    import pytest
+
+    from open_instruct2.errors import UserError
+    from open_instruct2.trainer import make_run_dir
+
+    make_run_dir(str(tmp_path / "a"))  # new
+    make_run_dir(str(tmp_path / "a"))  # exists but empty: fine
+    (tmp_path / "a" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        make_run_dir(str(tmp_path / "a"))
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == "{}\n"
