@@ -564,8 +564,13 @@ def validate(cfg: Config) -> None:
         _require(os.path.isfile(rw.verifier_module), f"--verifier_module {rw.verifier_module!r} not found; check the path")
     if data.system_prompt_file is not None:
         _require(os.path.isfile(data.system_prompt_file), f"--system_prompt_file {data.system_prompt_file!r} not found; check the path")
-    run_dir = os.path.join(cfg.experiment.output_dir, cfg.experiment.run_name) if cfg.experiment.run_name else None
-    if run_dir and os.path.isdir(run_dir) and os.listdir(run_dir):
+    if cfg.experiment.run_name:
+        check_run_dir_free(os.path.join(cfg.experiment.output_dir, cfg.experiment.run_name))
+
+
+def check_run_dir_free(run_dir: str) -> None:
+    """An existing non-empty run folder is never reused: its files would be overwritten."""
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
         raise ConfigError(f"run folder {run_dir} already exists and is not empty; choose another --run_name or move it away")
 
 

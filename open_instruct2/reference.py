@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 
 from .config import Config
+from .errors import ConfigError
 from .policy import load_model, response_logprobs
 from .rollout import Rollouts
 from .runtime import Runtime
@@ -74,8 +75,6 @@ def make_reference(cfg: Config, runtime: Runtime, policy, tokenizer, run_dir: st
     batch_size = cfg.optim.per_device_train_batch_size
     if mode == "in_process":
         if cfg.lora.train_mode == "lora" and cfg.reference.reference_model_name_or_path not in (None, cfg.model.model_name_or_path):
-            from .errors import ConfigError
-
             raise ConfigError("--reference_mode in_process with LoRA uses the policy's base model; remove --reference_model_name_or_path or train full")
         return InProcessReference(policy, cfg, runtime, batch_size)
     from .reference_vllm import make_vllm_reference

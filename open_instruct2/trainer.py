@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from . import checkpoint, verifiers
-from .config import Config, Derived, derive
+from .config import Config, Derived, check_run_dir_free, derive
 from .data import Prompt, PromptSampler, build_prompts, next_batch, read_system_prompt, set_chat_template
 from .losses import LossNorm, compute_advantages, grpo_loss, zero_std_groups
 from .policy import MasterWeights, load_policy, load_tokenizer, response_logprobs, trainable_parameters
 from .reference import Reference, batched_logprobs, make_reference
-from .rewards import Scores, compute_scores
 from .errors import UserError
 from .reference_vllm import ReferenceUnavailable
+from .rewards import Scores, compute_scores
 from .rollout import Rollouts, generate_rollouts
 from .runtime import Runtime, apply_runtime, resolve_runtime, resolved_summary
 from .tracking import Tracker
@@ -144,13 +144,18 @@ def loss_rows(rewards: torch.Tensor, finish_reasons: list[str], group: int, cfg:
     return keep.nonzero().flatten().tolist()
 
 
+def on_rows(rollouts: Rollouts, rows: list[int], values: torch.Tensor) -> torch.Tensor:
+    """(len(rows), T) values placed into an (N, T) zero tensor at `rows` (other samples are not in the loss)."""
+    full = torch.zeros_like(rollouts.response_mask, dtype=torch.float32)
+    full[rows] = values.to(full.device)
+    return full
+
+
 def reference_logprobs(reference: Reference | None, rollouts: Rollouts, rows: list[int]) -> torch.Tensor | None:
-    """(N, T) reference log-probs, filled for `rows` only (others are not in the loss)."""
+    """(N, T) reference log-probs, filled for `rows` only."""
     if reference is None or not rows:
         return None
-    full = torch.zeros_like(rollouts.response_mask, dtype=torch.float32)
-    full[rows] = reference.logprobs(rollouts, rows).to(full.device)
-    return full
+    return on_rows(rollouts, rows, reference.logprobs(rollouts, rows))
 
 
 def update_policy(run: Run, rollouts: Rollouts, advantages, ref_logprobs, rows: list[int]) -> dict[str, float]:
@@ -162,9 +167,7 @@ def update_policy(run: Run, rollouts: Rollouts, advantages, ref_logprobs, rows: 
     old_logprobs = None
     if not on_policy:
         run.policy.eval()
-        old_full = torch.zeros_like(rollouts.response_mask, dtype=torch.float32)
-        old_full[rows] = batched_logprobs(run.policy, rollouts, rows, cfg.optim.per_device_train_batch_size)
-        old_logprobs = old_full
+        old_logprobs = on_rows(rollouts, rows, batched_logprobs(run.policy, rollouts, rows, cfg.optim.per_device_train_batch_size))
         run.policy.train()
     totals, count = defaultdict(float), 0
     for _ in range(cfg.optim.num_epochs):
@@ -275,8 +278,7 @@ def make_run_dir(run_dir: str) -> None:
     try:
         os.makedirs(run_dir)
     except FileExistsError:
-        if os.listdir(run_dir):
-            raise UserError(f"run folder {run_dir} already exists and is not empty; choose another --run_name or move it away") from None
+        check_run_dir_free(run_dir)
 
 
 def prepare_verifiers(prompts: list[Prompt], cfg: Config) -> None:
