@@ -90,7 +90,7 @@ class RuntimeConfig:
     device: Optional[str] = None
     """Override the device: cpu, cuda, cuda:<index> or mps. Default: chosen by runtime_target."""
     policy_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
-    """Policy weight dtype. Default: bfloat16 on CUDA with bf16 support and on CPUs with AMX/AVX512-bf16 (much faster matmuls there), else float32."""
+    """Policy weight dtype. Default: bfloat16 on CUDA with bf16 support and on CPUs with AMX/AVX512-bf16 (much faster matmuls there), else float32. float16 is refused: its gradients underflow without loss scaling, which open-instruct2 does not do."""
     attn_implementation: Optional[Literal["flash_attention_2", "sdpa", "eager"]] = None
     """Attention kernel. Default: flash_attention_2 on CUDA when the package is installed, else sdpa."""
     num_threads: Optional[int] = None
@@ -117,6 +117,8 @@ class ModelConfig:
     """Prepend the tokenizer's BOS token to every prompt if the chat template does not."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    chat_template_kwargs: Optional[str] = None
+    """JSON object of extra arguments for the chat template, e.g. '{"enable_thinking": false}' to switch Qwen3's thinking off."""
 
 
 @documented("training mode")
@@ -128,7 +130,7 @@ class LoraConfig:
     lora_alpha: int = 32
     """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
     lora_dropout: float = 0.05
-    """Dropout on the LoRA input."""
+    """Written into the saved adapter's config; training runs without dropout in every pass (it would make the importance ratio differ from 1 for no reason), as TRL and open-instruct do."""
     lora_target_modules: Optional[list[str]] = None
     """Module names to adapt. Default: every linear projection of the attention and MLP blocks."""
     save_merged_model: bool = False
@@ -168,7 +170,7 @@ class RolloutConfig:
     response_length: int = 256
     """Most new tokens per response."""
     temperature: float = 0.7
-    """Sampling temperature. Log-probs for the loss and the KL are taken at temperature 1 on both sides."""
+    """Sampling temperature. Every log-prob (old, new, reference) is taken at this temperature too (logits / T), since the samples come from that distribution."""
     top_p: float = 1.0
     """Nucleus sampling mass."""
     stop_strings: Optional[list[str]] = None
@@ -186,13 +188,15 @@ class OptimConfig:
     ] = "linear"
     """Learning-rate schedule after warm-up."""
     warm_up_steps: int = 0
-    """Warm-up optimizer steps; wins over warmup_ratio when > 0."""
+    """Warm-up in training steps (the schedule follows training steps, whatever number of optimizer steps each makes); wins over warmup_ratio when > 0."""
     warmup_ratio: float = 0.0
-    """Warm-up as a fraction of all optimizer steps."""
+    """Warm-up as a fraction of the training steps."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (<= 0 disables clipping)."""
     per_device_train_batch_size: int = 1
     """Sequences per forward/backward (micro-batch); the update does not depend on it."""
+    inference_batch_size: int = 16
+    """Sequences per no-grad forward (old log-probs, the in-process reference); larger is faster until memory runs out. New."""
     num_epochs: int = 1
     """Passes over each rollout batch."""
     num_mini_batches: int = 1
@@ -210,9 +214,9 @@ class OptimConfig:
     loss_aggregation: Literal[tuple(LOSS_AGGREGATIONS)] = "token_mean"
     """token_mean: mean over all response tokens of a mini-batch (DAPO). sequence_mean: per-sequence mean, then mean (GRPO). constant: sum / (sequences x response_length) (Dr. GRPO)."""
     mask_truncated_completions: bool = False
-    """Leave responses that hit response_length (finish reason 'length') out of the loss."""
+    """Leave responses that hit response_length (finish reason 'length') out of the loss: numerator and denominators."""
     filter_zero_std_groups: bool = True
-    """Leave groups whose rewards are all equal out of the loss (they carry no signal); counted in the logs."""
+    """Skip the forward/backward of groups whose rewards are all equal when they contribute nothing (beta 0). The update is the same either way: their advantage is 0, they stay in the loss denominators, and with beta > 0 they keep their KL term."""
 
 
 @documented("rewards")
@@ -293,8 +297,8 @@ class ReferenceConfig:
     """Port the launched server binds."""
     reference_launch_dtype: str = "auto"
     """dtype of the launched server; auto = float32 on CPU (bf16 reference scores are off by up to 0.16), else the server's default."""
-    reference_launch_gpu_memory_utilization: float = 0.9
-    """Fraction of GPU memory the launched server may take (GPU only)."""
+    reference_launch_gpu_memory_utilization: Optional[float] = None
+    """Fraction of GPU memory the launched server may take (GPU only). Default: sized from the model (2 x its weights + 2 GiB, at least 0.1), so the policy's training state fits beside it; the original's 0.9 left too little."""
     reference_launch_tensor_parallel_size: int = 1
     """Tensor-parallel GPUs for the launched server."""
     reference_launch_max_model_len: Optional[int] = None
@@ -478,6 +482,7 @@ def validate(cfg: Config) -> None:
     check_not_available(cfg)
     ro, op, data, ref, rw = cfg.rollout, cfg.optim, cfg.data, cfg.reference, cfg.reward
     positive = {
+        "inference_batch_size": op.inference_batch_size,
         "num_samples_per_prompt_rollout": ro.num_samples_per_prompt_rollout,
         "num_unique_prompts_rollout": ro.num_unique_prompts_rollout,
         "response_length": ro.response_length,
@@ -540,7 +545,10 @@ def validate(cfg: Config) -> None:
             f"--reference_endpoint {ref.reference_endpoint!r} must start with http:// or https://",
         )
     _require(1 <= ref.reference_launch_port <= 65535, f"--reference_launch_port must be in 1..65535, got {ref.reference_launch_port}")
-    _require(0 < ref.reference_launch_gpu_memory_utilization <= 1, "--reference_launch_gpu_memory_utilization must be in (0, 1]")
+    _require(
+        ref.reference_launch_gpu_memory_utilization is None or 0 < ref.reference_launch_gpu_memory_utilization <= 1,
+        "--reference_launch_gpu_memory_utilization must be in (0, 1]; leave it out to size it from the model",
+    )
     _require(ref.reference_launch_tensor_parallel_size >= 1, "--reference_launch_tensor_parallel_size must be >= 1")
     _require(ref.reference_max_retries >= 0, f"--reference_max_retries must be >= 0, got {ref.reference_max_retries}")
     _require(
@@ -555,6 +563,7 @@ def validate(cfg: Config) -> None:
     )
     _require(tr.log_samples_freq == -1 or tr.log_samples_freq >= 1, f"--log_samples_freq must be -1 (off) or >= 1, got {tr.log_samples_freq}")
     _require(cfg.runtime.num_threads is None or cfg.runtime.num_threads >= 1, "--num_threads must be >= 1")
+    chat_template_kwargs(cfg.model)
     for source, _, _ in parse_mixer(data.dataset_mixer_list, data.dataset_mixer_list_splits, "dataset_mixer_list"):
         if source.endswith((".jsonl", ".json", ".parquet")):
             _require(os.path.isfile(source), f"--dataset_mixer_list: file {source!r} not found; check the path")
@@ -566,6 +575,20 @@ def validate(cfg: Config) -> None:
         _require(os.path.isfile(data.system_prompt_file), f"--system_prompt_file {data.system_prompt_file!r} not found; check the path")
     if cfg.experiment.run_name:
         check_run_dir_free(os.path.join(cfg.experiment.output_dir, cfg.experiment.run_name))
+
+
+def chat_template_kwargs(model: ModelConfig) -> dict:
+    """--chat_template_kwargs parsed: a JSON object, or {}."""
+    if model.chat_template_kwargs is None:
+        return {}
+    import json
+
+    try:
+        value = json.loads(model.chat_template_kwargs)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--chat_template_kwargs is not valid JSON ({e.msg}); give an object like '{{\"enable_thinking\": false}}'") from None
+    _require(isinstance(value, dict), f"--chat_template_kwargs must be a JSON object, got {type(value).__name__}; e.g. '{{\"enable_thinking\": false}}'")
+    return value
 
 
 def check_run_dir_free(run_dir: str) -> None:
@@ -587,9 +610,8 @@ class Derived:
     rollout_batch_size: int
     """num_unique_prompts_rollout x num_samples_per_prompt_rollout."""
     mini_batch_size: int
-    optimizer_steps: int
-    """num_training_steps x num_epochs x num_mini_batches."""
     warmup_steps: int
+    """Warm-up in training steps (the learning-rate schedule follows training steps)."""
 
 
 def derive(cfg: Config, now: float | None = None) -> Derived:
@@ -601,14 +623,12 @@ def derive(cfg: Config, now: float | None = None) -> Derived:
         raise ConfigError(
             f"--total_episodes {ro.total_episodes} is less than one rollout batch of {batch}; raise it or set --num_training_steps"
         )
-    optimizer_steps = steps * op.num_epochs * op.num_mini_batches
-    warmup = op.warm_up_steps if op.warm_up_steps > 0 else math.ceil(op.warmup_ratio * optimizer_steps)
+    warmup = op.warm_up_steps if op.warm_up_steps > 0 else math.ceil(op.warmup_ratio * steps)
     return Derived(
         run_name=run_name,
         run_dir=os.path.join(ex.output_dir, run_name),
         num_training_steps=steps,
         rollout_batch_size=batch,
         mini_batch_size=batch // op.num_mini_batches,
-        optimizer_steps=optimizer_steps,
         warmup_steps=warmup,
     )

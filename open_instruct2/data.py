@@ -194,8 +194,10 @@ def read_system_prompt(path: str | None) -> str | None:
         raise DataError(f"--system_prompt_file {path!r}: cannot read it ({e.strerror}); check the path") from None
 
 
-def tokenize_prompt(tokenizer, messages: list[dict], add_bos: bool = False) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+def tokenize_prompt(tokenizer, messages: list[dict], add_bos: bool = False, template_kwargs: dict | None = None) -> list[int]:
+    """The chat template applied with a generation prompt; template_kwargs (--chat_template_kwargs) are
+    passed to the template, e.g. enable_thinking=False for Qwen3."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False, **(template_kwargs or {}))
     if hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     ids = list(ids)
@@ -212,6 +214,7 @@ def build_prompts(
     system_prompt: str | None = None,
     add_bos: bool = False,
     flag: str = "dataset_mixer_list",
+    template_kwargs: dict | None = None,
 ) -> list[Prompt]:
     """Load, validate and tokenise the mix; drop prompts over the length limit (counted in the log)."""
     prompts, too_long = [], 0
@@ -219,7 +222,7 @@ def build_prompts(
         messages, truths, names = validate_row(row, f"{source} row {row_number}")
         if system_prompt is not None:
             messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
-        ids = tokenize_prompt(tokenizer, messages, add_bos)
+        ids = tokenize_prompt(tokenizer, messages, add_bos, template_kwargs)
         if len(ids) > max_prompt_token_length:
             too_long += 1
             continue

@@ -50,8 +50,10 @@ ADVANTAGE_NORMALIZATIONS: dict[str, Callable[[Tensor, int], Tensor]] = {
 
 
 def compute_advantages(rewards: Tensor, group_size: int, normalization: str) -> Tensor:
-    """Per-sample advantages (N,) with the named normalisation."""
-    return _pick(ADVANTAGE_NORMALIZATIONS, normalization, "advantage normalization")(rewards.float(), group_size)
+    """Per-sample advantages (N,) with the named normalisation; exactly 0 in groups whose rewards are all
+    equal (rounding in the group mean would otherwise leave ~1e-9 residues that the std of ~1e-9 blows up)."""
+    advantages = _pick(ADVANTAGE_NORMALIZATIONS, normalization, "advantage normalization")(rewards.float(), group_size)
+    return torch.where(zero_std_groups(rewards, group_size), 0.0, advantages)  # (N,)
 
 
 def zero_std_groups(rewards: Tensor, group_size: int) -> Tensor:
@@ -64,6 +66,10 @@ def zero_std_groups(rewards: Tensor, group_size: int) -> Tensor:
 # ---------------------------------------------------------------- KL estimators
 # All take d = logprobs - ref_logprobs per token (B, T) and the importance ratio (B, T).
 # kl1 = d, kl2 = d^2 / 2, kl3 = exp(-d) - 1 + d (Schulman's k3: unbiased, always >= 0), kl4 = ratio * d.
+# kl3 clamps d to +-KL3_CLAMP before the exp (as open-instruct does): one token the reference finds
+# impossible (ref_logprob -> -inf) would otherwise make the loss inf and every gradient nan.
+
+KL3_CLAMP = 40.0
 
 
 def kl1(logprobs: Tensor, ref_logprobs: Tensor, ratio: Tensor) -> Tensor:
@@ -75,7 +81,7 @@ def kl2(logprobs: Tensor, ref_logprobs: Tensor, ratio: Tensor) -> Tensor:
 
 
 def kl3(logprobs: Tensor, ref_logprobs: Tensor, ratio: Tensor) -> Tensor:
-    d = logprobs - ref_logprobs
+    d = (logprobs - ref_logprobs).clamp(-KL3_CLAMP, KL3_CLAMP)  # (B, T)
     return torch.expm1(-d) + d
 
 
@@ -150,8 +156,9 @@ def grpo_loss(
     """Clipped surrogate plus beta * KL, aggregated by name.
 
     logprobs (B, T) carry gradients; old_logprobs, ref_logprobs (B, T) and advantages (B,) do not;
-    response_mask (B, T) is 1 on sampled response tokens. Metrics are detached and aggregated with
-    the same denominators, so they add up over micro-batches like the loss does.
+    response_mask (B, T) is 1 on sampled response tokens. Metrics are detached SUMS over the valid tokens
+    (policy_loss, clip_fraction, ratio, kl): the caller adds them over micro-batches and divides by the
+    tokens it computed, so a logged metric is a plain token mean whatever the loss aggregation.
     """
     # Outside the mask inputs may be garbage (padding): zero them before any exp, so inf * 0 can't be nan.
     mask = response_mask.bool()
@@ -162,16 +169,17 @@ def grpo_loss(
     unclipped = -adv * ratio  # (B, T)
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_lower, 1.0 + clip_higher)  # (B, T)
     per_token = torch.maximum(unclipped, clipped)  # (B, T)
+    valid = response_mask.to(per_token.dtype)  # (B, T)
     metrics = {
-        "policy_loss": aggregate(per_token.detach(), response_mask, norm, aggregation),
-        "clip_fraction": aggregate((clipped > unclipped).float(), response_mask, norm, aggregation),
-        "ratio": aggregate(ratio.detach(), response_mask, norm, aggregation),
+        "policy_loss": (per_token.detach() * valid).sum(),
+        "clip_fraction": ((clipped > unclipped).float() * valid).sum(),
+        "ratio": (ratio.detach() * valid).sum(),
     }
     if ref_logprobs is not None and beta != 0.0:
         ref_logprobs = torch.where(mask, ref_logprobs, 0.0)
         kl = _pick(KL_ESTIMATORS, kl_estimator, "KL estimator")(logprobs, ref_logprobs, ratio)  # (B, T)
         per_token = per_token + beta * kl
-        metrics["kl"] = aggregate(kl.detach(), response_mask, norm, aggregation)
+        metrics["kl"] = (kl.detach() * valid).sum()
     loss = aggregate(per_token, response_mask, norm, aggregation)
     return loss, metrics
 

@@ -4,7 +4,12 @@ Sequence layout used everywhere (the layout `generate` returns):
     [left padding | prompt | response | right padding]  with the response starting at column P.
 Log-probs pass explicit position ids from the attention mask, so left padding does not shift positions,
 and compute logits only for the response columns (the prompt's logits are never materialised).
-Log-probs are taken at temperature 1 (raw logits), on the policy and reference sides alike.
+Log-probs are taken at the sampling temperature (logits / T), on the policy and reference sides alike:
+the samples come from that distribution (logprobs.py).
+
+Dropout is switched off in the policy for good (`disable_dropout`): RL passes compare log-probs of the same
+tokens across passes (old vs new, the ratio), and dropout would make them differ for no reason; TRL and
+open-instruct do the same. `--lora_dropout` is still written into the saved adapter's config.
 """
 
 import logging
@@ -15,6 +20,7 @@ from torch import nn
 from .bootstrap import resolve_model_path
 from .config import Config
 from .errors import UserError
+from .logprobs import token_logprobs
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -84,8 +90,20 @@ def load_policy(cfg: Config, runtime: Runtime) -> nn.Module:
         )
         # autocast_adapter_dtype keeps adapter weights in fp32 over a bf16 base: exact small updates.
         model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+    disable_dropout(model)
     model.train()
     return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0: nn.Dropout modules (LoRA's included) and the float
+    `*dropout*` attributes attention layers read in train mode (e.g. llama's `attention_dropout`)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
 
 
 def _has_module(model: nn.Module, suffix: str) -> bool:
@@ -102,12 +120,12 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logprobs(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, temperature: float = 1.0
 ) -> torch.Tensor:
-    """Log-prob of each response token under `model`, at temperature 1.
+    """Log-prob of each response token under `model` at `temperature` (the sampling temperature).
 
     input_ids, attention_mask: (B, L) in the layout above; the response occupies columns
-    prompt_width .. L-1. Returns (B, L - prompt_width): entry t is log p(input_ids[:, P + t] | prefix).
+    prompt_width .. L-1. Returns (B, L - prompt_width) fp32: entry t is log p_T(input_ids[:, P + t] | prefix).
     Padding columns get finite garbage: callers multiply by the response mask.
     """
     response_width = input_ids.shape[1] - prompt_width
@@ -118,33 +136,52 @@ def response_logprobs(
         logits_to_keep=response_width + 1,  # logits at columns P-1 .. L-1
         use_cache=False,
     )
-    logits = out.logits[:, :-1, :].float()  # (B, T, V): column P-1+t predicts token P+t
+    logits = out.logits[:, :-1, :]  # (B, T, V) in the model's dtype: column P-1+t predicts token P+t
     targets = input_ids[:, prompt_width:]  # (B, T)
-    token_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return token_logits - torch.logsumexp(logits, dim=-1)  # (B, T)
+    return token_logprobs(logits, targets, temperature)  # (B, T) fp32
 
 
 class MasterWeights:
     """fp32 copies of low-precision trainable parameters, so that small AdamW updates are not rounded
     away in bf16 (a 2e-5 step on a weight of 0.02 is below bf16's 2^-8 relative precision).
 
-    The optimizer steps the fp32 copies; after each step they are copied back into the model.
-    Parameters that are fp32 already are stepped directly (no copy).
+    Gradients are summed in fp32 too: `accumulate()` after each micro-batch's backward adds the bf16
+    gradient into the master's fp32 one and frees it (bf16 sums drift: 0.7% relative error after 32
+    micro-batches, 1.3% after 128). The optimizer steps the fp32 copies; `master_to_model()` copies them
+    back. Parameters that are fp32 already are stepped directly (no copy; they accumulate in fp32).
     """
 
     def __init__(self, params: list[nn.Parameter]):
         self.pairs = [(p, p.detach().float().clone()) for p in params if p.dtype != torch.float32]
         for _, master in self.pairs:
             master.requires_grad_(True)
-        low = {id(p) for p, _ in self.pairs}
-        self.optim_params = [m for _, m in self.pairs] + [p for p in params if id(p) not in low]
+        self.optim_param = {id(p): master for p, master in self.pairs}
+        self.optim_param.update({id(p): p for p in params if id(p) not in self.optim_param})
+        self.optim_params = list(self.optim_param.values())
 
-    def grads_to_master(self) -> None:
+    def accumulate(self) -> None:
+        """Move this micro-batch's low-precision gradients into the fp32 master gradients."""
         for p, master in self.pairs:
-            master.grad = None if p.grad is None else p.grad.float()
+            if p.grad is None:
+                continue
+            if master.grad is None:
+                master.grad = p.grad.float()
+            else:
+                master.grad.add_(p.grad)
+            p.grad = None
 
     def master_to_model(self) -> None:
         with torch.no_grad():
             for p, master in self.pairs:
                 p.copy_(master)
                 p.grad = None
+
+
+def optimizer_groups(model: nn.Module, master: MasterWeights, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on weight matrices only, not on biases, norms (1-D) or the
+    token embeddings / output head (as open-instruct and TRL do)."""
+    embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    decay, no_decay = [], []
+    for p in trainable_parameters(model):
+        (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(master.optim_param[id(p)])
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]

@@ -21,29 +21,38 @@ log = logging.getLogger(__name__)
 
 class Reference(Protocol):
     def logprobs(self, rollouts: Rollouts, rows: list[int]) -> torch.Tensor:
-        """(len(rows), T) reference log-probs of the given samples' response tokens (T = rollouts' width);
-        zero outside each response."""
+        """(len(rows), T) reference log-probs of the given samples' response tokens (T = rollouts' width),
+        at the sampling temperature; zero outside each response."""
 
     def close(self) -> None: ...
 
 
-def batched_logprobs(model, rollouts: Rollouts, rows: list[int], batch_size: int) -> torch.Tensor:
-    """No-grad log-probs of `rows` in micro-batches, as (len(rows), T) aligned with the response mask."""
+def by_length(rollouts: Rollouts, rows: list[int]) -> list[int]:
+    """rows sorted by response length, so a micro-batch holds similar lengths (less padding)."""
+    lengths = rollouts.response_lengths.tolist()
+    return sorted(rows, key=lambda r: lengths[r])
+
+
+def batched_logprobs(model, rollouts: Rollouts, rows: list[int], batch_size: int, temperature: float) -> torch.Tensor:
+    """No-grad log-probs of `rows` in batches sorted by length, as (len(rows), T) aligned with the
+    response mask (zero outside each response), in the order of `rows`."""
     out = torch.zeros(len(rows), rollouts.response_mask.shape[1], device=rollouts.input_ids.device)
+    position = {r: i for i, r in enumerate(rows)}
+    ordered = by_length(rollouts, rows)
     with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
+        for start in range(0, len(ordered), batch_size):
+            chunk = ordered[start : start + batch_size]
             part = rollouts.rows(chunk)
-            values = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_width)  # (b, t)
-            out[start : start + len(chunk), : values.shape[1]] = values * part.response_mask
+            values = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_width, temperature)  # (b, t)
+            out[[position[r] for r in chunk], : values.shape[1]] = values * part.response_mask
     return out
 
 
 class InProcessReference:
     """The starting model inside the trainer process."""
 
-    def __init__(self, policy, cfg: Config, runtime: Runtime, batch_size: int):
-        self.batch_size = batch_size
+    def __init__(self, policy, cfg: Config, runtime: Runtime):
+        self.batch_size, self.temperature = cfg.optim.inference_batch_size, cfg.rollout.temperature
         self.lora = cfg.lora.train_mode == "lora"
         if self.lora:
             self.model = policy  # adapters disabled at scoring time: the base model is the reference
@@ -52,12 +61,12 @@ class InProcessReference:
 
     def logprobs(self, rollouts: Rollouts, rows: list[int]) -> torch.Tensor:
         if not self.lora:
-            return batched_logprobs(self.model, rollouts, rows, self.batch_size)
+            return batched_logprobs(self.model, rollouts, rows, self.batch_size, self.temperature)
         was_training = self.model.training
         self.model.eval()
         try:
             with self.model.disable_adapter():
-                return batched_logprobs(self.model, rollouts, rows, self.batch_size)
+                return batched_logprobs(self.model, rollouts, rows, self.batch_size, self.temperature)
         finally:
             self.model.train(was_training)
 
@@ -72,11 +81,10 @@ def make_reference(cfg: Config, runtime: Runtime, policy, tokenizer, run_dir: st
         if mode != "none":
             log.info("reference: beta is 0, so --reference_mode %s does no work", mode)
         return None
-    batch_size = cfg.optim.per_device_train_batch_size
     if mode == "in_process":
         if cfg.lora.train_mode == "lora" and cfg.reference.reference_model_name_or_path not in (None, cfg.model.model_name_or_path):
             raise ConfigError("--reference_mode in_process with LoRA uses the policy's base model; remove --reference_model_name_or_path or train full")
-        return InProcessReference(policy, cfg, runtime, batch_size)
+        return InProcessReference(policy, cfg, runtime)
     from .reference_vllm import make_vllm_reference
 
     return make_vllm_reference(cfg, runtime, run_dir, tokenizer=tokenizer, policy=policy)

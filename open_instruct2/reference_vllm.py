@@ -2,8 +2,13 @@
 
 Scoring: one POST /v1/completions carries many sequences (`prompt` = a list of token-id lists,
 `max_tokens` 1, `prompt_logprobs` 0); sequences are grouped into bounded chunks sent concurrently, and each
-token's log-prob is read by its own id. vLLM's prompt log-probs are raw (temperature 1), the same
-convention as the policy side (policy.py), so the KL compares the same distributions.
+token's log-prob is read by its own id. Every reply is checked (one entry per token, the token's own id,
+a number that is a log-prob) before it reaches the loss.
+
+Temperature: the trainer's log-probs are at the sampling temperature T (policy.py), but vLLM's prompt
+log-probs come from raw logits. A launched server therefore gets OPEN_INSTRUCT2_LOGPROB_TEMPERATURE=T in its
+environment, which our vLLM plugin (vllm_plugin.py) turns into logits / T; an endpoint must be started
+the same way, and the probe below says so when it is not.
 
 Start-up checks: /health and /v1/models (served name discovered or given), the context length, and a probe
 sequence whose tokens the server must decode as the policy's tokenizer does and whose log-probs must match
@@ -19,6 +24,7 @@ down ends the run with exit 2 after a checkpoint (trainer.py).
 import atexit
 import json
 import logging
+import math
 import os
 import shlex
 import signal
@@ -44,8 +50,16 @@ PROBE_TEXT = "The quick brown fox jumps over the lazy dog. What is 12 + 30? The 
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 
 
-class ReferenceUnavailable(Exception):
+class ReferenceFailure(Exception):
+    """The reference could not give log-probs (mid-run, the trainer saves what it has and stops)."""
+
+
+class ReferenceUnavailable(ReferenceFailure):
     """The server did not answer after every retry (it may have died)."""
+
+
+class ReferenceBadReply(ReferenceFailure):
+    """The server answered, but not with the log-probs asked for (or refused the request)."""
 
 
 # ---------------------------------------------------------------- HTTP client
@@ -75,7 +89,7 @@ class VLLMClient:
             except requests.Timeout:
                 problem = f"no answer within {self.timeout_s:g} s"
                 continue
-            except requests.ConnectionError as e:
+            except requests.RequestException as e:  # connection refused or reset, a reply cut short, ...
                 problem = f"cannot connect ({type(e).__name__})"
                 continue
             if response.status_code in RETRYABLE_STATUS:
@@ -86,7 +100,10 @@ class VLLMClient:
             if response.status_code >= 400:
                 detail = _error_detail(response)
                 raise UserError(f"the vLLM server at {self.base_url} refused {path} (HTTP {response.status_code}: {detail})")
-            return response.json()
+            try:
+                return response.json()
+            except ValueError:
+                raise ReferenceBadReply(f"{url} answered HTTP {response.status_code} with a body that is not JSON: {response.text[:120]!r}") from None
         raise ReferenceUnavailable(f"{url}: {problem} after {retries + 1} attempt(s)")
 
     def health(self) -> bool:
@@ -113,10 +130,13 @@ class VLLMClient:
         def send(chunk: list[int]) -> list[list]:
             payload = {"model": self.model, "prompt": [sequences[i] for i in chunk], "max_tokens": 1,
                        "prompt_logprobs": top, "temperature": 1.0}
-            choices = self._request("POST", "/v1/completions", payload)["choices"]
+            reply = self._request("POST", "/v1/completions", payload)
+            choices = reply.get("choices") if isinstance(reply, dict) else None
+            if not isinstance(choices, list) or not all(isinstance(c, dict) and "index" in c and "prompt_logprobs" in c for c in choices):
+                raise ReferenceBadReply(f"the reply has no choices with an index and prompt_logprobs (keys: {list(reply)[:8] if isinstance(reply, dict) else type(reply).__name__})")
             choices = sorted(choices, key=lambda c: c["index"])
-            if len(choices) != len(chunk):
-                raise ReferenceUnavailable(f"the server answered {len(choices)} choices for {len(chunk)} sequences")
+            if [c["index"] for c in choices] != list(range(len(chunk))):
+                raise ReferenceBadReply(f"the server answered choices {[c['index'] for c in choices][:10]} for {len(chunk)} sequences")
             return [c["prompt_logprobs"] for c in choices]
 
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(chunks))) as pool:
@@ -125,10 +145,25 @@ class VLLMClient:
 
     def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
         """Log-prob of each token of sequences[i][starts[i]:] given its prefix (starts[i] >= 1)."""
-        out = []
-        for seq, start, entries in zip(sequences, starts, self.prompt_logprobs(sequences)):
-            out.append([entries[t][str(seq[t])]["logprob"] for t in range(start, len(seq))])
-        return out
+        return [read_logprobs(entries, seq, start, i) for i, (seq, start, entries) in
+                enumerate(zip(sequences, starts, self.prompt_logprobs(sequences)))]
+
+
+def read_logprobs(entries, seq: list[int], start: int, index: int) -> list[float]:
+    """The log-probs of seq[start:] from one sequence's prompt_logprobs, checked: one entry per token,
+    keyed by the token's own id, holding a log-prob (a number <= 0, -inf allowed; never null or nan)."""
+    if not isinstance(entries, list) or len(entries) != len(seq):
+        got = f"{len(entries)} entries" if isinstance(entries, list) else repr(type(entries).__name__)
+        raise ReferenceBadReply(f"sequence {index}: prompt_logprobs has {got} for {len(seq)} tokens")
+    out = []
+    for t in range(start, len(seq)):
+        entry = entries[t]
+        item = entry.get(str(seq[t])) if isinstance(entry, dict) else None
+        value = item.get("logprob") if isinstance(item, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value > 1e-3:
+            raise ReferenceBadReply(f"sequence {index}, token {t} (id {seq[t]}): expected a log-prob for that id, got {entry!r:.120}")
+        out.append(float(value))
+    return out
 
 
 def _error_detail(response: requests.Response) -> str:
@@ -152,6 +187,7 @@ class VLLMServer:
         ref = cfg.reference
         self.host, self.port = ref.reference_launch_host, ref.reference_launch_port
         self.api_key, self.log_path = ref.reference_api_key, log_path
+        self.temperature = cfg.rollout.temperature
         self.startup_timeout_s = ref.reference_startup_timeout_s
         self.on_cpu = not cuda_available()
         dtype = ref.reference_launch_dtype
@@ -166,7 +202,11 @@ class VLLMServer:
         if self.on_cpu:
             self.command.append("--enforce-eager")  # compiling costs a minute of start-up for little gain here
         else:
-            self.command += ["--gpu-memory-utilization", str(ref.reference_launch_gpu_memory_utilization),
+            fraction = ref.reference_launch_gpu_memory_utilization
+            if fraction is None:
+                fraction, why = reference_gpu_fraction(model_path, torch.cuda.get_device_properties(0).total_memory)
+                log.info("reference: the launched vLLM may take %.2f of the GPU (%s); set --reference_launch_gpu_memory_utilization to change it", fraction, why)
+            self.command += ["--gpu-memory-utilization", f"{fraction:.3f}",
                              "--tensor-parallel-size", str(ref.reference_launch_tensor_parallel_size)]
         if ref.reference_launch_extra_args:
             self.command += shlex.split(ref.reference_launch_extra_args)
@@ -174,10 +214,15 @@ class VLLMServer:
         atexit.register(self.stop)
 
     def environment(self) -> dict:
+        from .vllm_plugin import ENV as TEMPERATURE_ENV
+
         env = dict(os.environ)
         env.pop("VLLM_API_KEY", None)
         if self.api_key:
             env["VLLM_API_KEY"] = self.api_key
+        env.pop(TEMPERATURE_ENV, None)
+        if self.temperature != 1.0:
+            env[TEMPERATURE_ENV] = repr(self.temperature)  # log-probs at the sampling temperature (vllm_plugin.py)
         if self.on_cpu:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; the reference needs little KV cache
             # vLLM's default binds one core and reserves the rest; scoring and training never overlap, so
@@ -240,6 +285,21 @@ class VLLMServer:
         log.info("reference: vLLM server stopped")
 
 
+def reference_gpu_fraction(model_path: str, total_bytes: int) -> tuple[float, str]:
+    """The share of the GPU a launched reference needs: its weights twice (weights, then KV cache and
+    activations) plus 2 GiB of CUDA context and graphs, at least 0.1, at most 0.9. The policy trains on
+    the same GPU, and its weights, gradients, fp32 masters and AdamW state take 8-16 bytes per parameter;
+    vLLM's own default (0.9) would leave it nothing."""
+    weights = sum(
+        os.path.getsize(os.path.join(model_path, f)) for f in os.listdir(model_path) if f.endswith((".safetensors", ".bin"))
+    ) if os.path.isdir(model_path) else 0
+    if not weights:
+        return 0.3, "weights not in a local folder, so a fixed 0.3"
+    need = 2 * weights + 2 * 2**30
+    fraction = min(0.9, max(0.1, need / total_bytes))
+    return fraction, f"2 x {weights / 2**30:.1f} GiB of weights + 2 GiB of {total_bytes / 2**30:.0f} GiB"
+
+
 def _check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -285,15 +345,18 @@ class VLLMReference:
             starts.append(len(prompt))
             lengths.append(n)
         try:
-            scores = self.client.score(sequences, starts)
-        except ReferenceUnavailable as e:
-            if self.server is None:
-                raise
-            self.relaunches += 1
-            log.warning("reference: %s; relaunching the vLLM server (relaunch %d) and retrying the batch", e, self.relaunches)
-            self.server.stop()
-            self.server.start(self.client)
-            scores = self.client.score(sequences, starts)
+            try:
+                scores = self.client.score(sequences, starts)
+            except ReferenceUnavailable as e:
+                if self.server is None:
+                    raise
+                self.relaunches += 1
+                log.warning("reference: %s; relaunching the vLLM server (relaunch %d) and retrying the batch", e, self.relaunches)
+                self.server.stop()
+                self.server.start(self.client)
+                scores = self.client.score(sequences, starts)
+        except UserError as e:  # a refusal (4xx) or a failed relaunch mid-run: the trainer saves progress
+            raise ReferenceBadReply(str(e)) from None
         out = torch.zeros(len(rows), rollouts.response_mask.shape[1])
         for i, values in enumerate(scores):
             out[i, : lengths[i]] = torch.tensor(values)
@@ -316,9 +379,9 @@ def pick_served_model(models: list[dict], wanted: str | None, url: str) -> dict:
     return models[0]
 
 
-def check_probe(client: VLLMClient, tokenizer, policy, runtime: Runtime, compare_logprobs: bool) -> float | None:
+def check_probe(client: VLLMClient, tokenizer, policy, runtime: Runtime, compare_logprobs: bool, temperature: float = 1.0) -> float | None:
     """The server must decode our token ids as our tokenizer does, and (when the reference is the policy's
-    starting model) give the policy's log-probs. Returns the mean |difference| of the log-probs."""
+    starting model) give the policy's log-probs at the sampling temperature. Returns the mean |difference|."""
     ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
     [entries] = client.prompt_logprobs([ids])
     for t in range(1, len(ids)):
@@ -332,16 +395,26 @@ def check_probe(client: VLLMClient, tokenizer, policy, runtime: Runtime, compare
             )
     if not compare_logprobs:
         return None
-    served = torch.tensor([entries[t][str(ids[t])]["logprob"] for t in range(1, len(ids))])
+    served = torch.tensor(read_logprobs(entries, ids, 1, 0))
     from .policy import response_logprobs
 
-    was_training = policy.training
-    policy.eval()
-    with torch.no_grad():
-        input_ids = torch.tensor([ids], device=runtime.device)
-        mine = response_logprobs(policy, input_ids, torch.ones_like(input_ids), 1)[0].float().cpu()
-    policy.train(was_training)
-    diff = float((served - mine).abs().mean())
+    def policy_logprobs(t: float) -> torch.Tensor:
+        was_training = policy.training
+        policy.eval()
+        with torch.no_grad():
+            input_ids = torch.tensor([ids], device=runtime.device)
+            values = response_logprobs(policy, input_ids, torch.ones_like(input_ids), 1, t)[0].float().cpu()
+        policy.train(was_training)
+        return values
+
+    diff = float((served - policy_logprobs(temperature)).abs().mean())
+    if diff > 0.1 and temperature != 1.0 and float((served - policy_logprobs(1.0)).abs().mean()) <= 0.1:
+        from .vllm_plugin import ENV
+
+        raise UserError(
+            f"the reference server gives log-probs at temperature 1, but rollouts are sampled at --temperature {temperature:g}; "
+            f"start it with {ENV}={temperature:g} in its environment (open-instruct2 installed beside vLLM), or train with --temperature 1"
+        )
     if diff > 0.1:
         raise UserError(
             f"the reference server's model does not compute the policy's log-probs (mean |difference| {diff:.3f} on a probe); "
@@ -381,11 +454,19 @@ def make_vllm_reference(cfg: Config, runtime: Runtime, run_dir: str, tokenizer=N
             raise UserError(f"the reference model {client.model!r} has max_model_len {model['max_model_len']}, below the {needed} tokens a sequence can take; serve it with --max-model-len {needed}")
         same_model = ref.reference_model_name_or_path in (None, cfg.model.model_name_or_path)
         if tokenizer is not None:
-            diff = check_probe(client, tokenizer, policy, runtime, compare_logprobs=same_model and policy is not None)
+            diff = check_probe(client, tokenizer, policy, runtime, compare_logprobs=same_model and policy is not None,
+                               temperature=cfg.rollout.temperature)
             log.info("reference: %s serves %r; probe matches the policy's tokenizer%s", url, client.model,
                      "" if diff is None else f", mean |logp difference| {diff:.2e}")
-    except BaseException:
+            if diff is None and cfg.rollout.temperature != 1.0 and server is None:
+                from .vllm_plugin import ENV
+
+                log.warning("reference: the served model is not the policy's, so the probe cannot check that the endpoint "
+                            "gives log-probs at --temperature %g; it must run with %s=%g", cfg.rollout.temperature, ENV, cfg.rollout.temperature)
+    except BaseException as e:
         if server is not None:
             server.stop()
+        if isinstance(e, ReferenceFailure):
+            raise UserError(f"the reference server at {url} failed its start-up checks: {e}") from None
         raise
     return VLLMReference(client, server)

@@ -4,6 +4,8 @@
     format     = r1_style_format_reward if <think>..</think><answer>..</answer>, else 0
     reward     = verifiable + format          (additive_format_reward true)
                = verifiable if formatted else 0   (additive_format_reward false: the format gates)
+               = format                        (apply_verifiable_reward false: nothing to gate, so the
+                                                format reward is the reward whatever additive says)
     non_stop_penalty: a 'length'-finished sample's reward is REPLACED by non_stop_penalty_value.
 
 A verifier that raises is not a wrong answer: it scores 0 for that sample, but is counted in
@@ -78,7 +80,8 @@ def compute_scores(
     if cfg.apply_r1_style_format_reward:
         fmt = cfg.r1_style_format_reward * formatted
         breakdown["format"] = fmt
-        rewards = verifiable + fmt if cfg.additive_format_reward else verifiable * formatted
+        gate = cfg.apply_verifiable_reward and not cfg.additive_format_reward
+        rewards = verifiable * formatted if gate else verifiable + fmt
     else:
         rewards = verifiable.clone()
     if cfg.non_stop_penalty:

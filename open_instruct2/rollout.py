@@ -2,6 +2,9 @@
 
 - Prompts are LEFT-padded, so every response starts at the same column and positions stay right
   (the original right-padded before generate, which makes the model continue after padding).
+- Sampling uses exactly temperature and top_p from the flags: the model's generation_config.json
+  (repetition penalty, min_p, top-k, ...) is kept out (`only_these_settings`), because the log-probs of
+  the update model softmax(logits / T) and nothing else.
 - Stop strings are hard stops: a sequence whose new text contains one stops generating at once. The
   stop string's tokens stay in the response (they were sampled, and format rewards need them).
 - The response mask is cut at the first eos (inclusive: stopping is learned too), never derived from the
@@ -9,10 +12,13 @@
 - Finish reason: 'stop' (eos or a stop string) or 'length' (hit response_length).
 """
 
+import functools
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StopStringCriteria
 
 from .data import PromptBatch
 
@@ -71,26 +77,34 @@ class RowSlice:
 
 
 class StopOnStrings(StoppingCriteria):
-    """Marks a sequence done the step its new text first contains a stop string; remembers when."""
+    """Marks a sequence done the step its NEW text first contains a stop string, and remembers the step.
 
-    def __init__(self, tokenizer, stop_strings: list[str], prompt_width: int, batch_size: int):
-        self.tokenizer, self.stop_strings, self.prompt_width = tokenizer, stop_strings, prompt_width
-        # Each token decodes to at least one character in practice, so the last max-length tokens suffice.
-        self.tail = max(len(s) for s in stop_strings) + 2
-        self.stopped_at = [None] * batch_size  # response tokens kept for a stopped sequence
+    The matching is transformers' vectorised StopStringCriteria (token strings precomputed once per
+    tokenizer and stop-string set; no decoding, no host sync per step). It looks at the sequence's last
+    tokens, prompt included, so prompt columns in that window are blanked: a stop string "\n\n" must not
+    fire because the prompt ended in "\n". `stopped_at` stays on the device until generation ends.
+    """
+
+    def __init__(self, tokenizer, stop_strings: tuple[str, ...], prompt_width: int, batch_size: int, device):
+        self.matcher = _stop_string_matcher(tokenizer, tuple(stop_strings))
+        self.blank = self.matcher.embedding_vec.shape[0] - 1  # ids >= this map to a token that matches nothing
+        self.prompt_width = prompt_width
+        self.stopped_at = torch.full((batch_size,), -1, dtype=torch.long, device=device)  # (N,) response tokens kept
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        new = input_ids[:, self.prompt_width :]  # (B, t)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for b in range(input_ids.shape[0]):
-            if self.stopped_at[b] is not None:
-                done[b] = True
-                continue
-            text = self.tokenizer.decode(new[b, -self.tail :], skip_special_tokens=False)
-            if any(s in text for s in self.stop_strings):
-                self.stopped_at[b] = new.shape[1]
-                done[b] = True
-        return done
+        new = input_ids.shape[1] - self.prompt_width
+        window = input_ids[:, -self.matcher.maximum_token_len :]  # (N, w)
+        if new < window.shape[1]:
+            window = window.clone()
+            window[:, : window.shape[1] - new] = self.blank
+        done = self.matcher(window, scores)  # (N,)
+        self.stopped_at = torch.where(done & (self.stopped_at < 0), new, self.stopped_at)
+        return self.stopped_at >= 0
+
+
+@functools.lru_cache(maxsize=8)
+def _stop_string_matcher(tokenizer, stop_strings: tuple[str, ...]) -> StopStringCriteria:
+    return StopStringCriteria(tokenizer, list(stop_strings))  # ~0.3 s for a 49k vocabulary: build once
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -101,6 +115,55 @@ def _eos_ids(model, tokenizer) -> set[int]:
         elif source:
             ids.update(source)
     return ids
+
+
+def sampling_config(*, temperature: float, top_p: float, response_length: int, pad_token_id: int, eos_token_ids: list[int]) -> GenerationConfig:
+    """Exactly the sampling the flags name: temperature, top_p, nothing else (no top-k, no penalties)."""
+    return GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=response_length,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_ids,
+        use_cache=True,
+    )
+
+
+# Fields of a model's generation_config.json that change which tokens get sampled.
+SAMPLING_FIELDS = (
+    "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
+    "suppress_tokens", "begin_suppress_tokens", "min_length", "min_new_tokens", "forced_bos_token_id",
+    "forced_eos_token_id", "exponential_decay_length_penalty", "sequence_bias", "top_h", "num_beams",
+)
+
+
+def ignored_generation_settings(model) -> dict:
+    """Sampling settings in the model's own generation_config that rollouts do NOT use."""
+    own = model.generation_config.to_diff_dict()
+    return {k: own[k] for k in SAMPLING_FIELDS if k in own}
+
+
+@contextmanager
+def only_these_settings(model):
+    """transformers fills every field a GenerationConfig leaves unset from the model's generation_config
+    (a hub model's repetition_penalty, min_p, ... would leak into sampling and the log-probs would no
+    longer model the sampler). Inside this block the model's own config is an empty one, holding only the
+    special token ids; PEFT copies its wrapper's config onto the base model, so both are swapped and
+    restored (the saved model keeps its generation_config.json)."""
+    holders = [model] + ([model.get_base_model()] if hasattr(model, "get_base_model") else [])
+    saved = [(h, h.generation_config) for h in holders]
+    own = saved[0][1]
+    neutral = GenerationConfig(bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id)
+    try:
+        for h in holders:
+            h.generation_config = neutral
+        yield
+    finally:
+        for h, config in saved:
+            h.generation_config = config
 
 
 @torch.no_grad()
@@ -123,38 +186,32 @@ def generate_rollouts(
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # (N, P)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    eos = _eos_ids(model, tokenizer)
-    stopper = StopOnStrings(tokenizer, stop_strings, width, len(prompts)) if stop_strings else None
-    generation_config = GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,  # no hidden top-k from a hub generation_config: exactly temperature + top_p
-        max_new_tokens=response_length,
-        pad_token_id=pad,
-        eos_token_id=sorted(eos),
-        use_cache=True,
+    eos = sorted(_eos_ids(model, tokenizer))
+    stopper = StopOnStrings(tokenizer, tuple(stop_strings), width, len(prompts), device) if stop_strings else None
+    generation_config = sampling_config(
+        temperature=temperature, top_p=top_p, response_length=response_length, pad_token_id=pad, eos_token_ids=eos
     )
     was_training = model.training
     model.eval()
     try:
-        sequences = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=generation_config,
-            stopping_criteria=StoppingCriteriaList([stopper]) if stopper else None,
-        )  # (N, P + t)
+        with only_these_settings(model):
+            sequences = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=generation_config,
+                stopping_criteria=StoppingCriteriaList([stopper]) if stopper else None,
+            )  # (N, P + t)
     finally:
         model.train(was_training)
     generated = sequences[:, width:]  # (N, t)
-    lengths, reasons = [], []
-    for b in range(generated.shape[0]):
-        length, reason = _cut(generated[b].tolist(), eos, stopper.stopped_at[b] if stopper else None, response_length)
-        lengths.append(length)
-        reasons.append(reason)
+    stopped_at = stopper.stopped_at if stopper else torch.full((len(prompts),), -1, device=device)
+    lengths, stopped = _cut(generated, torch.tensor(eos, device=device), stopped_at)  # (N,), (N,)
     columns = torch.arange(generated.shape[1], device=device)
-    response_mask = (columns.unsqueeze(0) < torch.tensor(lengths, device=device).unsqueeze(1)).long()  # (N, t)
-    texts = [tokenizer.decode(generated[b, : lengths[b]], skip_special_tokens=True) for b in range(len(lengths))]
+    response_mask = (columns.unsqueeze(0) < lengths.unsqueeze(1)).long()  # (N, t)
+    lengths_list, stopped_list, rows = lengths.tolist(), stopped.tolist(), generated.tolist()  # one host copy
+    full_width = generated.shape[1] >= response_length
+    reasons = ["stop" if s or not full_width else "length" for s in stopped_list]
+    texts = tokenizer.batch_decode([row[:n] for row, n in zip(rows, lengths_list)], skip_special_tokens=True)
     return Rollouts(
         input_ids=sequences,
         attention_mask=torch.cat([attention_mask, response_mask], dim=1),
@@ -166,12 +223,17 @@ def generate_rollouts(
     )
 
 
-def _cut(tokens: list[int], eos: set[int], stopped_at: int | None, response_length: int) -> tuple[int, str]:
-    """(response length, finish reason) of one generated row. Tokens after a stop are padding."""
-    limit = stopped_at if stopped_at is not None else len(tokens)
-    for i in range(limit):
-        if tokens[i] in eos:
-            return i + 1, "stop"
-    if stopped_at is not None:
-        return stopped_at, "stop"
-    return len(tokens), "length" if len(tokens) >= response_length else "stop"
+def _cut(generated: torch.Tensor, eos: torch.Tensor, stopped_at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response length (N,) and whether it stopped on its own (N,) of each generated row (N, t).
+
+    A row ends at its first eos (kept: stopping is learned too) before any stop-string stop; else at the
+    stop string's last token; else it ran to the end. Tokens after a stop are padding (pad may equal eos).
+    """
+    t = generated.shape[1]
+    limit = torch.where(stopped_at >= 0, stopped_at, t)  # (N,)
+    columns = torch.arange(t, device=generated.device)
+    is_eos = torch.isin(generated, eos) & (columns.unsqueeze(0) < limit.unsqueeze(1))  # (N, t)
+    has_eos = is_eos.any(dim=1)  # (N,)
+    first_eos = is_eos.int().argmax(dim=1)  # (N,) 0 when there is none
+    lengths = torch.where(has_eos, first_eos + 1, limit)
+    return lengths, has_eos | (stopped_at >= 0)

@@ -121,10 +121,13 @@ def _parse_device(text: str) -> torch.device:
 def _pick_dtype(cfg: RuntimeConfig, device: torch.device) -> tuple[torch.dtype, str]:
     if cfg.policy_dtype is not None:
         dtype = DTYPES[cfg.policy_dtype]
-        if device.type == "cpu" and dtype == torch.float16:
-            raise ConfigError("--policy_dtype float16 is not supported on CPU; use bfloat16 or float32")
+        if dtype == torch.float16:
+            raise ConfigError(
+                "--policy_dtype float16 is not supported: fp16 gradients underflow without loss scaling, which open-instruct2 "
+                "does not do; use bfloat16, or float32 where bf16 is missing"
+            )
         if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            raise ConfigError("--policy_dtype bfloat16: this GPU has no bf16 support; use float16 or float32")
+            raise ConfigError("--policy_dtype bfloat16: this GPU has no bf16 support; use float32")
         return dtype, f"--policy_dtype {cfg.policy_dtype}"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():

@@ -1,40 +1,37 @@
 """The GRPO loop. `train_step` reads top to bottom: generate -> score -> advantages -> reference ->
-update -> log. Setup and the update's inner loops are below it; the math is in losses.py.
+update -> log. Setup is below it; the update's loops are in update.py, the math in losses.py.
 
-Choices a reader comparing trainers should know:
-- Samples of groups whose rewards are all equal (advantage 0 everywhere) are left out of the update
-  (`filter_zero_std_groups`), and `mask_truncated_completions` leaves out 'length' finishes; both are
-  counted in the logs. Loss denominators count only the samples that stay.
-- Old log-probs: with one epoch and one mini-batch the update is on-policy, so old = current (detached)
-  and the ratio is exactly 1, with no extra forward pass. Otherwise they are computed once, before the
-  first update, without gradients.
-- No-grad passes (old and reference log-probs, generation) run in eval mode; the gradient pass in train
-  mode (LoRA dropout on).
+Choices a reader comparing trainers should know (the update's own are in update.py):
+- The learning-rate schedule follows training steps: warm-up and decay are counted in steps of this loop,
+  and every optimizer step of a training step uses that step's rate. Counting optimizer steps instead
+  would let the schedule fall behind whenever a step makes fewer (all groups filtered, fewer rows than
+  mini-batches). `train/lr` is the rate the step used.
+- Sampling, the ratio, the KL and the reference all use the sampling temperature (policy.py).
 """
 
 import json
 import logging
 import os
 import time
-from collections import defaultdict
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from . import checkpoint, verifiers
-from .config import Config, Derived, check_run_dir_free, derive
+from .config import Config, Derived, chat_template_kwargs, check_run_dir_free, derive
 from .data import Prompt, PromptSampler, build_prompts, next_batch, read_system_prompt, set_chat_template
-from .losses import LossNorm, compute_advantages, grpo_loss, zero_std_groups
-from .policy import MasterWeights, load_policy, load_tokenizer, response_logprobs, trainable_parameters
-from .reference import Reference, batched_logprobs, make_reference
+from .losses import compute_advantages, zero_std_groups
+from .policy import MasterWeights, load_policy, load_tokenizer, optimizer_groups, trainable_parameters
+from .reference import Reference, make_reference
 from .errors import UserError
-from .reference_vllm import ReferenceUnavailable
+from .reference_vllm import ReferenceFailure
 from .rewards import Scores, compute_scores
-from .rollout import Rollouts, generate_rollouts
+from .rollout import Rollouts, generate_rollouts, ignored_generation_settings
 from .runtime import Runtime, apply_runtime, resolve_runtime, resolved_summary
 from .tracking import Tracker
+from .update import LossRows, on_rows, select_rows, update_policy
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +78,16 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     with timer("reward"):
         scores = score(rollouts, batch.prompts, cfg)
     advantages = compute_advantages(scores.rewards, group, cfg.optim.advantage_normalization_type).to(run.runtime.device)
-    rows = loss_rows(scores.rewards, rollouts.finish_reasons, group, cfg)
+    selected = select_rows(scores.rewards, rollouts.finish_reasons, group, cfg, with_kl=run.reference is not None)
     with timer("reference"):
-        ref_logprobs = reference_logprobs(run.reference, rollouts, rows)
+        ref_logprobs = reference_logprobs(run.reference, rollouts, selected.computed)
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step's optimizer steps use
     with timer("update"):
-        update = update_policy(run, rollouts, advantages, ref_logprobs, rows)
-    metrics = step_metrics(scores, rollouts, rows, group, update, timer.seconds, run.scheduler.get_last_lr()[0])
+        update = update_policy(run, rollouts, advantages, ref_logprobs, selected)
+    advance_schedule(run.scheduler)
+    metrics = step_metrics(scores, rollouts, selected, group, update, timer.seconds, lr, cfg.optim.filter_zero_std_groups)
     run.tracker.log(step, metrics)
+    warn_truncation(metrics, step)
     if cfg.tracking.log_samples_freq > 0 and (step == 1 or step % cfg.tracking.log_samples_freq == 0):
         run.tracker.log_samples(step, sample_rows(rollouts, batch.prompts, scores))
     if cfg.tracking.save_freq > 0 and step % cfg.tracking.save_freq == 0:
@@ -104,8 +104,8 @@ def train(cfg: Config) -> str:
         for step in range(1, run.derived.num_training_steps + 1):
             try:
                 train_step(run, step)
-            except ReferenceUnavailable as e:
-                raise UserError(f"the reference server stopped answering at step {step} ({e}); {save_progress(run, step - 1)}") from None
+            except ReferenceFailure as e:
+                raise UserError(f"the reference failed at step {step} ({e}); {save_progress(run, step - 1)}") from None
         checkpoint.save_final(run.policy, run.tokenizer, run.derived.run_dir, cfg.lora.train_mode == "lora", cfg.lora.save_merged_model)
     finally:
         run.tracker.close()
@@ -115,13 +115,16 @@ def train(cfg: Config) -> str:
 
 
 def save_progress(run: Run, last_step: int) -> str:
-    """Before stopping on a lost endpoint: keep the training done so far as a checkpoint."""
+    """Before stopping on a reference failure: keep the training done so far as a checkpoint, and say
+    exactly what it holds (resuming a run is not available yet)."""
     if last_step < 1:
-        return "no step had finished, nothing to save; restart the server and rerun"
+        return "no step had finished, nothing to save; fix the reference and rerun"
     folder = os.path.join(run.derived.run_dir, "checkpoints", f"step_{last_step}")
     if not os.path.isdir(folder):
         folder = checkpoint.save_checkpoint(run.policy, run.tokenizer, run.derived.run_dir, last_step, -1)
-    return f"the model after step {last_step} is saved in {folder}; restart the server and continue from it"
+    held = "the LoRA adapter and tokenizer" if run.cfg.lora.train_mode == "lora" else "the model weights and tokenizer"
+    return (f"{folder} holds {held} after step {last_step}, but no optimizer state, learning-rate schedule or data position "
+            "(resuming a run is not available yet): fix the reference, then start a new run from those weights")
 
 
 # ---------------------------------------------------------------- phases
@@ -134,23 +137,6 @@ def score(rollouts: Rollouts, prompts: list[Prompt], cfg: Config) -> Scores:
     )
 
 
-def loss_rows(rewards: torch.Tensor, finish_reasons: list[str], group: int, cfg: Config) -> list[int]:
-    """Samples that enter the loss: not in a zero-std group (if filtered), not truncated (if masked)."""
-    keep = torch.ones(len(finish_reasons), dtype=torch.bool)
-    if cfg.optim.filter_zero_std_groups:
-        keep &= ~zero_std_groups(rewards, group)
-    if cfg.optim.mask_truncated_completions:
-        keep &= torch.tensor([r != "length" for r in finish_reasons])
-    return keep.nonzero().flatten().tolist()
-
-
-def on_rows(rollouts: Rollouts, rows: list[int], values: torch.Tensor) -> torch.Tensor:
-    """(len(rows), T) values placed into an (N, T) zero tensor at `rows` (other samples are not in the loss)."""
-    full = torch.zeros_like(rollouts.response_mask, dtype=torch.float32)
-    full[rows] = values.to(full.device)
-    return full
-
-
 def reference_logprobs(reference: Reference | None, rollouts: Rollouts, rows: list[int]) -> torch.Tensor | None:
     """(N, T) reference log-probs, filled for `rows` only."""
     if reference is None or not rows:
@@ -158,83 +144,19 @@ def reference_logprobs(reference: Reference | None, rollouts: Rollouts, rows: li
     return on_rows(rollouts, rows, reference.logprobs(rollouts, rows))
 
 
-def update_policy(run: Run, rollouts: Rollouts, advantages, ref_logprobs, rows: list[int]) -> dict[str, float]:
-    """num_epochs passes x num_mini_batches optimizer steps over the loss rows; returns mean metrics."""
-    cfg = run.cfg
-    if not rows:
-        return {}
-    on_policy = cfg.optim.num_epochs == 1 and cfg.optim.num_mini_batches == 1
-    old_logprobs = None
-    if not on_policy:
-        run.policy.eval()
-        old_logprobs = on_rows(rollouts, rows, batched_logprobs(run.policy, rollouts, rows, cfg.optim.per_device_train_batch_size))
-        run.policy.train()
-    totals, count = defaultdict(float), 0
-    for _ in range(cfg.optim.num_epochs):
-        order = [rows[i] for i in torch.randperm(len(rows)).tolist()]  # global RNG, seeded at start
-        for mini in np.array_split(np.array(order), min(cfg.optim.num_mini_batches, len(order))):
-            metrics = backward_mini_batch(run.policy, rollouts, mini.tolist(), advantages, old_logprobs, ref_logprobs, cfg)
-            metrics["grad_norm"] = optimizer_step(run)
-            for k, v in metrics.items():
-                totals[k] += v
-            count += 1
-    return {f"train/{k}": v / count for k, v in totals.items()}
-
-
-def backward_mini_batch(model, rollouts: Rollouts, rows: list[int], advantages, old_logprobs, ref_logprobs, cfg: Config) -> dict[str, float]:
-    """Accumulate the gradient of one mini-batch in micro-batches of per_device_train_batch_size.
-
-    Denominators are counted over the whole mini-batch first, so the gradient does not depend on the
-    micro-batch size.
-    """
-    norm = LossNorm(
-        num_tokens=int(rollouts.response_mask[rows].sum()), num_sequences=len(rows), max_response_length=cfg.rollout.response_length
-    )
-    totals = defaultdict(float)
-    size = cfg.optim.per_device_train_batch_size
-    for start in range(0, len(rows), size):
-        chunk = rows[start : start + size]
-        part = rollouts.rows(chunk)
-        logprobs = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_width)  # (b, t)
-        width = logprobs.shape[1]
-        loss, metrics = grpo_loss(
-            logprobs,
-            logprobs.detach() if old_logprobs is None else old_logprobs[chunk, :width],
-            None if ref_logprobs is None else ref_logprobs[chunk, :width],
-            advantages[chunk],
-            part.response_mask,
-            norm,
-            clip_lower=cfg.optim.clip_lower,
-            clip_higher=cfg.optim.clip_higher,
-            beta=cfg.optim.beta,
-            kl_estimator=cfg.optim.kl_estimator,
-            aggregation=cfg.optim.loss_aggregation,
-        )
-        loss.backward()
-        totals["loss"] += float(loss.detach())
-        for k, v in metrics.items():
-            totals[k] += float(v)
-    return totals
-
-
-def optimizer_step(run: Run) -> float:
-    """Clip, step (through fp32 master weights when the policy is low-precision), schedule; returns the
-    gradient norm before clipping."""
-    run.master.grads_to_master()
-    params = run.master.optim_params
-    max_norm = run.cfg.optim.max_grad_norm if run.cfg.optim.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.master.master_to_model()
-    run.scheduler.step()
-    return float(grad_norm)
+def advance_schedule(scheduler) -> None:
+    """One scheduler step per training step, whether or not this one made an optimizer step (torch
+    warns when the first step made none: the order is intended here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+        scheduler.step()
 
 
 # ---------------------------------------------------------------- metrics
 
 
-def step_metrics(scores: Scores, rollouts: Rollouts, rows: list[int], group: int, update: dict, seconds: dict, lr: float) -> dict[str, float]:
+def step_metrics(scores: Scores, rollouts: Rollouts, selected: LossRows, group: int, update: dict, seconds: dict, lr: float,
+                 filtering: bool) -> dict[str, float]:
     n = len(rollouts.finish_reasons)
     lengths = rollouts.response_lengths.float()
     truncated = sum(r == "length" for r in rollouts.finish_reasons)
@@ -247,18 +169,29 @@ def step_metrics(scores: Scores, rollouts: Rollouts, rows: list[int], group: int
         "rollout/response_length_mean": float(lengths.mean()),
         "rollout/response_length_max": float(lengths.max()),
         "rollout/truncated_fraction": truncated / n,
-        "rollout/filtered_group_fraction": float(zero_std_groups(scores.rewards, group).float().mean()),
-        "rollout/loss_samples": float(len(rows)),
+        "rollout/zero_std_group_fraction": float(zero_std_groups(scores.rewards, group).float().mean()),
+        "rollout/loss_samples": float(len(selected.rows)),
+        "rollout/computed_samples": float(len(selected.computed)),
         "rollout/tokens_per_second": float(lengths.sum()) / max(seconds.get("rollout", 0.0), 1e-9),
         **update,
         "train/lr": lr,
         **{f"time/{k}": v for k, v in seconds.items()},
         "time/step": sum(seconds.values()),
     }
-    if rows and seconds.get("update"):
-        trained = int(rollouts.attention_mask[rows].sum())
+    if filtering:
+        metrics["rollout/filtered_group_fraction"] = metrics["rollout/zero_std_group_fraction"]
+    if selected.computed and seconds.get("update"):
+        trained = int(rollouts.attention_mask[selected.computed].sum())
         metrics["train/tokens_per_second"] = trained / seconds["update"]
     return metrics
+
+
+def warn_truncation(metrics: dict[str, float], step: int) -> None:
+    """Most responses hitting response_length means the reward mostly sees cut-off answers."""
+    truncated = metrics["rollout/truncated_fraction"]
+    if truncated > 0.5 and (step == 1 or step % 10 == 0):
+        log.warning("step %d: %.0f%% of responses hit --response_length; raise it, add --stop_strings, or for thinking "
+                    "models switch thinking off with --chat_template_kwargs '{\"enable_thinking\": false}'", step, 100 * truncated)
 
 
 def sample_rows(rollouts: Rollouts, prompts: list[Prompt], scores: Scores, limit: int = 8) -> list[tuple[str, str, float, str]]:
@@ -295,6 +228,16 @@ def prepare_verifiers(prompts: list[Prompt], cfg: Config) -> None:
         verifiers.VERIFIERS["math"]("\\boxed{1}", "1")  # pay math-verify's import and parser set-up now, not in step 1
 
 
+def log_generation_settings(policy, cfg: Config) -> None:
+    r = cfg.rollout
+    log.info("generation: temperature %g, top_p %g, top_k off, no penalties, at most %d new tokens, stop strings %s; "
+             "log-probs at temperature %g", r.temperature, r.top_p, r.response_length, r.stop_strings or "none", r.temperature)
+    ignored = ignored_generation_settings(policy)
+    if ignored:
+        log.info("generation: the model's generation_config.json also sets %s; rollouts ignore them (the update "
+                 "models only temperature and top_p)", json.dumps(ignored))
+
+
 def setup(cfg: Config) -> Run:
     """Resolve, load and build everything; input errors surface here before anything is written."""
     derived = derive(cfg)
@@ -307,6 +250,7 @@ def setup(cfg: Config) -> Run:
     prompts = build_prompts(
         cfg.data.dataset_mixer_list, cfg.data.dataset_mixer_list_splits, tokenizer, cfg.data.max_prompt_token_length,
         system_prompt=read_system_prompt(cfg.data.system_prompt_file), add_bos=cfg.model.add_bos,
+        template_kwargs=chat_template_kwargs(cfg.model),
     )
     if cfg.reward.apply_verifiable_reward:
         prepare_verifiers(prompts, cfg)
@@ -315,12 +259,13 @@ def setup(cfg: Config) -> Run:
     make_run_dir(derived.run_dir)
     reference = make_reference(cfg, runtime, policy, tokenizer, derived.run_dir)
     master = MasterWeights(trainable_parameters(policy))
-    optimizer = torch.optim.AdamW(master.optim_params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(optimizer_groups(policy, master, cfg.optim.weight_decay), lr=cfg.optim.learning_rate)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(
-        cfg.optim.lr_scheduler_type, optimizer, num_warmup_steps=derived.warmup_steps, num_training_steps=derived.optimizer_steps
+        cfg.optim.lr_scheduler_type, optimizer, num_warmup_steps=derived.warmup_steps, num_training_steps=derived.num_training_steps
     )
+    log_generation_settings(policy, cfg)
     summary = resolved_summary(cfg)
     checkpoint.save_config(summary, derived.run_dir)
     tracker = Tracker(derived.run_dir, derived.num_training_steps, "```\n" + json.dumps(summary, indent=2, default=str) + "\n```")

@@ -120,7 +120,7 @@ def test_loss_with_kl_and_aggregation():
     # token_mean: (-1.95 - 2.1 + 1) / 3 = -1.0166667
     loss, m = grpo(logp, logp, ref, [2.0, -1.0], mask, beta=0.1)
     assert close(loss, -3.05 / 3)
-    assert close(m["kl"], (0.5 - 1.0 + 0.0) / 3)
+    assert close(m["kl"], 0.5 - 1.0 + 0.0)  # metrics are sums over valid tokens; the trainer divides
     # sequence_mean: ((-1.95 - 2.1) / 2 + 1 / 1) / 2 = (-2.025 + 1) / 2 = -0.5125
     loss, _ = grpo(logp, logp, ref, [2.0, -1.0], mask, beta=0.1, agg="sequence_mean")
     assert close(loss, -0.5125)
@@ -142,3 +142,26 @@ def test_gradient_of_the_loss():
                           norm(1, 1, 1), clip_lower=0.2, clip_higher=0.2, beta=0.1, kl_estimator="kl1", aggregation="token_mean")
     loss.backward()
     assert close(logp.grad, [[-1.9]])
+
+
+def test_kl3_is_finite_when_the_reference_finds_a_token_impossible():
+    # d = logp - ref = -1 - (-150) = 149 and the other way round: exp(149) overflows fp32 (max ~3.4e38 = e^88.7).
+    logp = torch.tensor([[-1.0, -150.0]], requires_grad=True)
+    ref = torch.tensor([[-150.0, -1.0]])
+    kl = L.kl3(logp, ref, torch.ones(1, 2))
+    assert torch.isfinite(kl).all()
+    # clamped at +-40: exp(-40) - 1 + 40 and exp(40) - 1 - 40
+    assert close(kl, [[math.exp(-40) - 1 + 40, math.exp(40) - 1 - 40]])
+    loss, _ = grpo(logp.tolist(), logp.tolist(), ref.tolist(), [0.0], [[1, 1]], beta=0.1, kl="kl3")
+    assert torch.isfinite(loss)
+    kl.sum().backward()
+    assert torch.isfinite(logp.grad).all()
+
+
+def test_zero_std_groups_get_exactly_zero_advantage():
+    # 0.1 x 3 does not sum to 0.3 in floating point: the mean is off by ~1e-9, and dividing by a std of ~1e-9
+    # (+ 1e-8) would turn that rounding into an advantage of order 0.1
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 1.0, 0.0, 1.0])
+    for mode in ("standard", "centered"):
+        adv = L.compute_advantages(rewards, 3, mode)
+        assert adv[:6].tolist() == [0.0] * 6 and adv[6:].abs().sum() > 0

