@@ -95,7 +95,8 @@ def write_rows(path: Path, n: int = 8) -> str:
 
 
 def tiny_config(tmp_path: Path, model_dir: Path, **overrides):
-    """A Config for in-process tests on the tiny model: fp32, CPU, in-process reference."""
+    """A Config for in-process tests on the tiny model: fp32, CPU (pinned, so a GPU machine runs the same
+    test), in-process reference."""
     from open_instruct2.config import default_config, validate
 
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,7 @@ def tiny_config(tmp_path: Path, model_dir: Path, **overrides):
         model_name_or_path=str(model_dir), dataset_mixer_list=[data, "1.0"], output_dir=str(tmp_path / "out"),
         reference_mode="in_process", num_unique_prompts_rollout=2, num_samples_per_prompt_rollout=3,
         response_length=8, max_prompt_token_length=128, policy_dtype="float32", gradient_checkpointing=False,
-        learning_rate=1e-3, num_training_steps=2, log_samples_freq=1, lora_dropout=0.0,
+        learning_rate=1e-3, num_training_steps=2, log_samples_freq=1, lora_dropout=0.0, device="cpu",
     )
     settings.update(overrides)
     cfg = default_config(**settings)
