@@ -57,6 +57,7 @@ bench: setup
 	$(VPY) benchmarks/bench_dtype.py
 	$(VPY) benchmarks/bench_verifiers.py
 	$(VPY) benchmarks/bench_reference.py
+	$(VPY) benchmarks/bench_hot_path.py
 
 clean-venv:
 	rm -rf $(VENV)

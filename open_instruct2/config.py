@@ -195,8 +195,8 @@ class OptimConfig:
     """Clip the global gradient norm to this value (<= 0 disables clipping)."""
     per_device_train_batch_size: int = 1
     """Sequences per forward/backward (micro-batch); the update does not depend on it."""
-    inference_batch_size: int = 16
-    """Sequences per no-grad forward (old log-probs, the in-process reference); larger is faster until memory runs out. New."""
+    inference_batch_size: int = 8
+    """Sequences per no-grad forward (old log-probs, the in-process reference), sorted by length. New. On a 2-core CPU, 16 rollouts of SmolLM2: batch 8 1.22x faster than 1, batch 16 slower (padding); on a GPU larger batches pay more."""
     num_epochs: int = 1
     """Passes over each rollout batch."""
     num_mini_batches: int = 1
