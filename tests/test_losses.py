@@ -159,9 +159,9 @@ def test_kl3_is_finite_when_the_reference_finds_a_token_impossible():
 
 
 def test_zero_std_groups_get_exactly_zero_advantage():
-    # 0.1 x 3 does not sum to 0.3 in floating point: the mean is off by ~1e-9, and dividing by a std of ~1e-9
-    # (+ 1e-8) would turn that rounding into an advantage of order 0.1
-    rewards = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 1.0, 0.0, 1.0])
+    # Eight rewards of 0.1 do not average to exactly 0.1 in fp32: the mean is off by 7e-9, the std is ~7e-9,
+    # and (r - mean) / (std + 1e-8) turned that rounding into advantages of 0.43 (measured before the fix).
+    rewards = torch.tensor([0.1] * 8 + [0.3] * 8 + [1.0, 0.0] * 4)
     for mode in ("standard", "centered"):
-        adv = L.compute_advantages(rewards, 3, mode)
-        assert adv[:6].tolist() == [0.0] * 6 and adv[6:].abs().sum() > 0
+        adv = L.compute_advantages(rewards, 8, mode)
+        assert adv[:16].tolist() == [0.0] * 16 and adv[16:].abs().sum() > 0

@@ -207,6 +207,10 @@ def test_filtered_group_fraction_is_logged_only_when_filtering(built):
 def test_no_dropout_in_any_pass(built):
     run, rollouts = built(train_mode="lora", lora_r=4, lora_dropout=0.5)
     assert run.policy.peft_config["default"].lora_dropout == 0.5  # still written into the adapter's config
+    with torch.no_grad():  # lora_B starts at 0, which would hide the adapters' dropout
+        for name, param in run.policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
     part = rollouts.rows(list(range(6)))
     run.policy.train()
     first = response_logprobs(run.policy, part.input_ids, part.attention_mask, part.prompt_width, 0.7)
