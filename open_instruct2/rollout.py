@@ -117,8 +117,13 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def sampling_config(*, temperature: float, top_p: float, response_length: int, pad_token_id: int, eos_token_ids: list[int]) -> GenerationConfig:
-    """Exactly the sampling the flags name: temperature, top_p, nothing else (no top-k, no penalties)."""
+def sampling_config(*, temperature: float, top_p: float, response_length: int, pad_token_id: int, eos_token_ids: list[int],
+                    greedy: bool = False) -> GenerationConfig:
+    """Exactly the sampling the flags name: temperature, top_p, nothing else (no top-k, no penalties);
+    greedy (evaluation): the most likely token every time."""
+    if greedy:
+        return GenerationConfig(do_sample=False, max_new_tokens=response_length, pad_token_id=pad_token_id,
+                                eos_token_id=eos_token_ids, use_cache=True)
     return GenerationConfig(
         do_sample=True,
         temperature=temperature,
@@ -178,8 +183,9 @@ def generate_rollouts(
     top_p: float,
     stop_strings: list[str] | None,
     device: torch.device,
+    greedy: bool = False,
 ) -> Rollouts:
-    """Sample num_samples responses per prompt."""
+    """Sample num_samples responses per prompt (greedy: decode the most likely tokens; evaluation)."""
     prompts = [p.prompt_ids for p in batch.prompts for _ in range(num_samples)]
     prompt_index = [i for i in range(len(batch.prompts)) for _ in range(num_samples)]
     width = max(len(p) for p in prompts)
@@ -189,7 +195,7 @@ def generate_rollouts(
     eos = sorted(_eos_ids(model, tokenizer))
     stopper = StopOnStrings(tokenizer, tuple(stop_strings), width, len(prompts), device) if stop_strings else None
     generation_config = sampling_config(
-        temperature=temperature, top_p=top_p, response_length=response_length, pad_token_id=pad, eos_token_ids=eos
+        temperature=temperature, top_p=top_p, response_length=response_length, pad_token_id=pad, eos_token_ids=eos, greedy=greedy
     )
     was_training = model.training
     model.eval()

@@ -26,11 +26,13 @@ from .losses import compute_advantages, zero_std_groups
 from .policy import MasterWeights, load_policy, load_tokenizer, optimizer_groups, trainable_parameters
 from .reference import Reference, make_reference
 from .errors import UserError
+from .evaluation import eval_schedule, evaluate, load_eval_prompts, write_eval_records
+from .memory_profile import MemoryProfiler
 from .reference_vllm import ReferenceFailure
 from .rewards import Scores, compute_scores
 from .rollout import Rollouts, generate_rollouts, ignored_generation_settings
 from .runtime import Runtime, apply_runtime, resolve_runtime, resolved_summary
-from .tracking import Tracker
+from .tracking import Tracker, dump_rollouts
 from .update import LossRows, on_rows, select_rows, update_policy
 
 log = logging.getLogger(__name__)
@@ -52,21 +54,38 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     tracker: Tracker
+    eval_prompts: list[Prompt]
+    """Held-out prompts for evaluation during training (empty: no evaluation)."""
+    eval_steps: set[int]
+    """Steps after which to evaluate (0: before the first step)."""
+    profiler: MemoryProfiler | None
+
+    def marking(self, step: int) -> MemoryProfiler | None:
+        """The profiler, when this step gets memory markers."""
+        m = self.cfg.memory
+        return self.profiler if self.profiler is not None and m.memory_profile_mark_steps and step % m.memory_profile_step_interval == 0 else None
 
 
 class PhaseTimer:
-    def __init__(self):
+    """Seconds per phase of a step; with a profiler, a memory marker `step_<N>_after_<phase>` at each end."""
+
+    def __init__(self, step: int = 0, profiler: MemoryProfiler | None = None):
         self.seconds: dict[str, float] = {}
+        self.step, self.profiler = step, profiler
 
     @contextmanager
     def __call__(self, phase: str):
+        if self.profiler is not None:
+            self.profiler.phase = f"step {self.step} {phase}"
         start = time.perf_counter()
         yield
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+        if self.profiler is not None:
+            self.profiler.mark(f"step_{self.step}_after_{phase}", f"step {self.step} after {phase}")
 
 
 def train_step(run: Run, step: int) -> dict[str, float]:
-    cfg, timer = run.cfg, PhaseTimer()
+    cfg, timer = run.cfg, PhaseTimer(step, run.marking(step))
     group = cfg.rollout.num_samples_per_prompt_rollout
     batch = next_batch(run.prompts, run.sampler, cfg.rollout.num_unique_prompts_rollout)
     with timer("rollout"):
@@ -86,32 +105,97 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         update = update_policy(run, rollouts, advantages, ref_logprobs, selected)
     advance_schedule(run.scheduler)
     metrics = step_metrics(scores, rollouts, selected, group, update, timer.seconds, lr, cfg.optim.filter_zero_std_groups)
-    run.tracker.log(step, metrics)
-    warn_truncation(metrics, step)
-    if cfg.tracking.log_samples_freq > 0 and (step == 1 or step % cfg.tracking.log_samples_freq == 0):
-        run.tracker.log_samples(step, sample_rows(rollouts, batch.prompts, scores))
-    if cfg.tracking.save_freq > 0 and step % cfg.tracking.save_freq == 0:
-        checkpoint.save_checkpoint(run.policy, run.tokenizer, run.derived.run_dir, step, cfg.tracking.keep_last_n_checkpoints)
+    record_step(run, step, batch.prompts, rollouts, scores, advantages, selected, metrics)
     return metrics
 
 
 def train(cfg: Config) -> str:
-    """Run GRPO to the end; returns the run folder."""
-    run = setup(cfg)
+    """Run GRPO to the end; returns the run folder. Step-end work (evaluation, checkpoints, memory
+    markers) happens here, around `train_step`."""
+    profiler = start_memory_profiler(cfg)
+    run = None
     try:
+        run = setup(cfg, profiler)
         log.info("training: %d steps of %d prompts x %d samples", run.derived.num_training_steps,
                  cfg.rollout.num_unique_prompts_rollout, cfg.rollout.num_samples_per_prompt_rollout)
+        evaluate_if_due(run, 0)
         for step in range(1, run.derived.num_training_steps + 1):
+            if run.marking(step):
+                run.profiler.mark(f"step_{step}_start", f"step {step} rollout")
             try:
                 train_step(run, step)
             except ReferenceFailure as e:
                 raise UserError(f"the reference failed at step {step} ({e}); {save_progress(run, step - 1)}") from None
+            if cfg.tracking.save_freq > 0 and step % cfg.tracking.save_freq == 0:
+                checkpoint.save_checkpoint(run.policy, run.tokenizer, run.derived.run_dir, step, cfg.tracking.keep_last_n_checkpoints)
+            evaluate_if_due(run, step)
+            if run.marking(step):
+                run.profiler.mark(f"step_{step}_end", "between steps")
         checkpoint.save_final(run.policy, run.tokenizer, run.derived.run_dir, cfg.lora.train_mode == "lora", cfg.lora.save_merged_model)
     finally:
-        run.tracker.close()
-        if run.reference is not None:
-            run.reference.close()
+        if run is not None:
+            run.tracker.close()
+            if run.reference is not None:
+                run.reference.close()
+        if profiler is not None:
+            profiler.stop()
+    plot_run(run.derived.run_dir)
     return run.derived.run_dir
+
+
+def start_memory_profiler(cfg: Config) -> MemoryProfiler | None:
+    m = cfg.memory
+    if not m.enable_memory_profile:
+        return None
+    secrets = tuple(v for v in (cfg.reference.reference_api_key,) if v)
+    return MemoryProfiler(m.memory_profile_interval_s, m.memory_profile_top_n_children, m.memory_profile_enable_tracemalloc, secrets).start()
+
+
+def evaluate_if_due(run: Run, step: int) -> None:
+    if step not in run.eval_steps or not run.eval_prompts:
+        return
+    cfg = run.cfg
+    if run.profiler is not None:
+        run.profiler.phase = f"step {step} eval"
+    batch_size = max(cfg.optim.inference_batch_size, cfg.rollout.num_unique_prompts_rollout * cfg.rollout.num_samples_per_prompt_rollout)
+    start = time.perf_counter()
+    metrics, records = evaluate(run.policy, run.tokenizer, run.eval_prompts, cfg, run.runtime.device, batch_size)
+    metrics["eval/seconds"] = time.perf_counter() - start
+    run.tracker.log_eval(step, metrics)
+    write_eval_records(run.derived.run_dir, step, records)
+
+
+def plot_run(run_dir: str) -> None:
+    """The curves as a PNG at the end of a run (matplotlib is optional: without it, say how to get it)."""
+    from .plot import PlotUnavailable, plot_metrics
+
+    try:
+        log.info("plot: %s", plot_metrics(run_dir))
+    except PlotUnavailable as e:
+        log.warning("plot: %s", e)
+
+
+def record_step(run: Run, step: int, prompts: list[Prompt], rollouts: Rollouts, scores: Scores, advantages: torch.Tensor,
+                selected: LossRows, metrics: dict[str, float]) -> None:
+    """Everything a step leaves behind: metrics (with what happened to the update), samples, rollout dumps."""
+    cfg = run.cfg
+    run.tracker.log(step, metrics, note=update_note(metrics, selected))
+    warn_truncation(metrics, step)
+    if cfg.tracking.log_samples_freq > 0 and (step == 1 or step % cfg.tracking.log_samples_freq == 0):
+        run.tracker.log_samples(step, sample_rows(rollouts, prompts, scores))
+    if cfg.tracking.save_rollouts:
+        dump_rollouts(run.derived.run_dir, step, prompts, rollouts, scores, advantages, selected, cfg.rollout.num_samples_per_prompt_rollout)
+
+
+def update_note(metrics: dict[str, float], selected: LossRows) -> str | None:
+    """Why a step made no policy-gradient update, for the console line (None when it made one)."""
+    if not selected.rows:
+        return "no update: every response was truncated and --mask_truncated_completions is on"
+    if metrics.get("train/optimizer_steps", 0.0) == 0.0:
+        return "no update: every group had equal rewards (no signal)"
+    if metrics["rollout/zero_std_group_fraction"] == 1.0:
+        return "KL term only: every group had equal rewards"
+    return None
 
 
 def save_progress(run: Run, last_step: int) -> str:
@@ -238,7 +322,7 @@ def log_generation_settings(policy, cfg: Config) -> None:
                  "models only temperature and top_p)", json.dumps(ignored))
 
 
-def setup(cfg: Config) -> Run:
+def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
     """Resolve, load and build everything; input errors surface here before anything is written."""
     derived = derive(cfg)
     cfg.experiment.run_name = derived.run_name  # fixed once: later derive() calls agree
@@ -247,16 +331,19 @@ def setup(cfg: Config) -> Run:
     log.info("runtime: %s", json.dumps(runtime.describe()))
     tokenizer = load_tokenizer(cfg)
     set_chat_template(tokenizer, cfg.model.chat_template_name)
+    system_prompt, template_kwargs = read_system_prompt(cfg.data.system_prompt_file), chat_template_kwargs(cfg.model)
     prompts = build_prompts(
         cfg.data.dataset_mixer_list, cfg.data.dataset_mixer_list_splits, tokenizer, cfg.data.max_prompt_token_length,
-        system_prompt=read_system_prompt(cfg.data.system_prompt_file), add_bos=cfg.model.add_bos,
-        template_kwargs=chat_template_kwargs(cfg.model),
+        system_prompt=system_prompt, add_bos=cfg.model.add_bos, template_kwargs=template_kwargs,
     )
+    eval_prompts = load_eval_prompts(cfg, tokenizer, system_prompt, template_kwargs)
     if cfg.reward.apply_verifiable_reward:
-        prepare_verifiers(prompts, cfg)
-    log.info("data: %d prompts", len(prompts))
+        prepare_verifiers(prompts + eval_prompts, cfg)
+    log.info("data: %d prompts%s", len(prompts), f", {len(eval_prompts)} held out for evaluation" if eval_prompts else "")
     policy = load_policy(cfg, runtime)
     make_run_dir(derived.run_dir)
+    if profiler is not None:
+        profiler.attach(derived.run_dir)
     reference = make_reference(cfg, runtime, policy, tokenizer, derived.run_dir)
     master = MasterWeights(trainable_parameters(policy))
     optimizer = torch.optim.AdamW(optimizer_groups(policy, master, cfg.optim.weight_decay), lr=cfg.optim.learning_rate)
@@ -268,8 +355,13 @@ def setup(cfg: Config) -> Run:
     log_generation_settings(policy, cfg)
     summary = resolved_summary(cfg)
     checkpoint.save_config(summary, derived.run_dir)
-    tracker = Tracker(derived.run_dir, derived.num_training_steps, "```\n" + json.dumps(summary, indent=2, default=str) + "\n```")
+    wandb_settings = None
+    if cfg.tracking.with_tracking:
+        wandb_settings = {"project": cfg.tracking.wandb_project_name, "entity": cfg.tracking.wandb_entity, "name": derived.run_name,
+                          "config": summary, "secrets": [cfg.reference.reference_api_key]}  # config already masked
+    tracker = Tracker(derived.run_dir, derived.num_training_steps, "```\n" + json.dumps(summary, indent=2, default=str) + "\n```", wandb_settings)
     trainable = sum(p.numel() for p in trainable_parameters(policy))
     log.info("policy: %s, %.1fM trainable parameters, run folder %s", cfg.lora.train_mode, trainable / 1e6, derived.run_dir)
     return Run(cfg, derived, runtime, tokenizer, prompts, PromptSampler(len(prompts), cfg.experiment.seed), policy, reference,
-               master, optimizer, scheduler, tracker)
+               master, optimizer, scheduler, tracker, eval_prompts, eval_schedule(derived.num_training_steps, cfg.tracking.num_evals)
+               if eval_prompts else set(), profiler)

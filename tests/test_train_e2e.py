@@ -109,7 +109,15 @@ def test_smoke_test_on_builtin_defaults(tmp_path):
     assert "step 2/2" in proc.stdout
     run_dir = tmp_path / "out" / "smoke"
     assert (run_dir / "model.safetensors").is_file() and not (run_dir / "checkpoints").exists()
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "reward/mean" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    # the whole path runs even when every answer is wrong: equal-reward groups are kept in smoke mode,
+    # so each step makes its optimizer step with the KL term (beta 0.05 against the in-process reference)
+    assert all(m["train/optimizer_steps"] == 1.0 and "train/kl" in m for m in steps)
+    assert "| kl " in proc.stdout
+    # the builtin data's held-out split is evaluated before and after (smoke: 8 prompts, one evaluation)
+    assert [m["step"] for m in lines if "eval/accuracy" in m] == [0, 2] and proc.stdout.count("8 prompts in") == 2
 
 
 def test_bad_ground_truth_is_refused_before_training(tmp_path, tiny_model_dir):

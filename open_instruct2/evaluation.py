@@ -1,0 +1,103 @@
+"""Evaluation during training: greedy answers to held-out prompts, scored by the training verifiers.
+
+- Set: `dataset_mixer_eval_list` / `_splits` (same form as the training mixer); when it is empty and the run
+  trains on the builtin arithmetic data, its `test` split (disjoint from `train`). At most
+  `eval_max_samples` prompts (`shuffle_eval_dataset` shuffles with the run's seed before taking them).
+- When: once before the first step (step 0) and `num_evals` times evenly spaced over the run, the last one
+  after the final step (`eval_schedule`); `--num_evals 0` turns it off.
+- How: greedy decoding (no sampling), `response_length` tokens, the same stop strings, in batches.
+- What: `eval/accuracy` (verifier score 1), `eval/<verifier>/accuracy` per verifier name, `eval/reward_mean`
+  (the training reward, format and penalties included), response length and truncation; every completion
+  to <run>/evals/step_<N>.jsonl.
+"""
+
+import json
+import os
+import random
+from collections import defaultdict
+
+import torch
+
+from .config import Config
+from .data import Prompt, PromptBatch, build_prompts
+from .rewards import compute_scores
+from .rollout import generate_rollouts
+
+
+def eval_schedule(num_training_steps: int, num_evals: int) -> set[int]:
+    """{0} and num_evals steps evenly spaced up to the last step (fewer when steps are fewer)."""
+    if num_evals <= 0:
+        return set()
+    return {0} | {round(k * num_training_steps / num_evals) for k in range(1, num_evals + 1)}
+
+
+def eval_mixer(cfg: Config) -> tuple[list[str], list[str]]:
+    """The evaluation sources: the flag's, or builtin:arithmetic's test split when training on it."""
+    data = cfg.data
+    if data.dataset_mixer_eval_list:
+        return data.dataset_mixer_eval_list, data.dataset_mixer_eval_list_splits
+    sources = set(data.dataset_mixer_list[0::2])
+    if sources == {"builtin:arithmetic"}:
+        return ["builtin:arithmetic", "1.0"], ["test"]
+    return [], []
+
+
+def load_eval_prompts(cfg: Config, tokenizer, system_prompt: str | None, template_kwargs: dict) -> list[Prompt]:
+    mixer, splits = eval_mixer(cfg)
+    if not mixer or cfg.tracking.num_evals <= 0:
+        return []
+    prompts = build_prompts(mixer, splits, tokenizer, cfg.data.max_prompt_token_length, system_prompt=system_prompt,
+                            add_bos=cfg.model.add_bos, flag="dataset_mixer_eval_list", template_kwargs=template_kwargs)
+    if cfg.data.shuffle_eval_dataset:
+        random.Random(cfg.experiment.seed).shuffle(prompts)
+    return prompts[: cfg.tracking.eval_max_samples]
+
+
+@torch.no_grad()
+def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batch_size: int) -> tuple[dict[str, float], list[dict]]:
+    """Greedy answers to every prompt; returns (eval/ metrics, one record per prompt)."""
+    texts, reasons, lengths = [], [], []
+    for start in range(0, len(prompts), batch_size):
+
+        chunk = prompts[start : start + batch_size]
+        r = generate_rollouts(policy, tokenizer, PromptBatch(chunk, list(range(len(chunk)))), num_samples=1,
+                              response_length=cfg.rollout.response_length, temperature=1.0, top_p=1.0,
+                              stop_strings=cfg.rollout.stop_strings, device=device, greedy=True)
+        texts += r.response_texts
+        reasons += r.finish_reasons
+        lengths += r.response_lengths.tolist()
+    scores = compute_scores(texts, reasons, [p.verifiers for p in prompts], [p.ground_truth for p in prompts], cfg.reward)
+    correct = (scores.verifier_scores >= 1.0).float()
+    metrics = {
+        "eval/accuracy": float(correct.mean()),
+        "eval/reward_mean": float(scores.rewards.mean()),
+        "eval/response_length_mean": sum(lengths) / len(lengths),
+        "eval/truncated_fraction": sum(r == "length" for r in reasons) / len(reasons),
+        "eval/prompts": float(len(prompts)),
+    }
+    by_verifier = defaultdict(list)
+    for p, ok in zip(prompts, correct.tolist()):
+        by_verifier["+".join(p.verifiers)].append(ok)
+    if len(by_verifier) > 1 or cfg.reward.apply_verifiable_reward:
+        for name, values in sorted(by_verifier.items()):
+            metrics[f"eval/{name}/accuracy"] = sum(values) / len(values)
+    records = [
+        {"prompt": _question(p), "response": t, "ground_truth": p.ground_truth, "verifiers": p.verifiers,
+         "reward": float(scores.rewards[i]), "verifier_score": float(scores.verifier_scores[i]), "finish_reason": reasons[i],
+         "length": lengths[i], "source": f"{p.source} row {p.row}"}
+        for i, (p, t) in enumerate(zip(prompts, texts))
+    ]
+    return metrics, records
+
+
+def _question(prompt: Prompt) -> str:
+    return next((m["content"] for m in reversed(prompt.messages) if m["role"] == "user"), "")
+
+
+def write_eval_records(run_dir: str, step: int, records: list[dict]) -> str:
+    folder = os.path.join(run_dir, "evals")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step_{step}.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return path
