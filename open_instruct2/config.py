@@ -65,6 +65,8 @@ class ExperimentConfig:
     """Training steps of a smoke test (>= 1)."""
     dry_run: bool = False
     """Parse and validate all flags, resolve the runtime, print the resolved configuration (secrets masked) and exit 0, loading no model, data or server."""
+    resume: bool = True
+    """If the run folder (output_dir/run_name) holds a resumable state (--checkpoint_state_freq), continue from the newest one: rerun the same command. false: refuse any non-empty run folder. New."""
 
 
 @documented("memory profiling")
@@ -215,6 +217,8 @@ class OptimConfig:
     """token_mean: mean over all response tokens of a mini-batch (DAPO). sequence_mean: per-sequence mean, then mean (GRPO). constant: sum / (sequences x response_length) (Dr. GRPO)."""
     mask_truncated_completions: bool = False
     """Leave responses that hit response_length (finish reason 'length') out of the loss: numerator and denominators."""
+    max_nonfinite_updates: int = 3
+    """A step whose loss or gradient is not finite skips its update (counted in train/nonfinite_updates); this many such steps in a row stop the run, after saving. New."""
     filter_zero_std_groups: bool = True
     """Skip the forward/backward of groups whose rewards are all equal when they contribute nothing (beta 0). The update is the same either way: their advantage is 0, they stay in the loss denominators, and with beta > 0 they keep their KL term."""
 
@@ -236,7 +240,7 @@ class RewardConfig:
     non_stop_penalty_value: float = 0.0
     """Reward given to truncated responses when non_stop_penalty is on."""
     only_reward_good_outputs: bool = False
-    """Give the verifiable reward only to responses that also stopped on their own."""
+    """All-or-nothing verifiable reward: only responses whose verifier score is 1 get it; partial credit (ifeval fractions, string_f1, length budgets) becomes 0. (open-instruct zeroes outputs with tool errors; there are no tools here.)"""
     remap_verifier: Optional[list[str]] = None
     """Rename verifiers named in the data, as old=new pairs, e.g. --remap_verifier math=strict_math."""
     verifier_module: Optional[str] = None
@@ -322,7 +326,7 @@ class TrackingConfig:
     save_freq: int = -1
     """Save model + tokenizer to checkpoints/step_<N> every N steps (-1: off)."""
     checkpoint_state_freq: int = -1
-    """Save the full training state (optimizer, sampler, RNG) for resuming every N steps (-1: off)."""
+    """Save a resumable training state every N steps (-1: off) in checkpoints/step_<N>: weights or adapter, fp32 masters, optimizer, scheduler, sampler position, RNG states. Rerun the same command to continue from the newest."""
     keep_last_n_checkpoints: int = 3
     """Keep only the newest N checkpoints (-1: keep all)."""
     log_samples_freq: int = 10
@@ -400,8 +404,6 @@ def group_of(cfg: Config, flag: str):
 # from its default is an error, never silently ignored. Remove an entry when its feature lands.
 NOT_AVAILABLE_YET = {
     **{f.name: "rubric / LLM-judge rewards" for f in dataclasses.fields(RubricConfig)},
-    "only_reward_good_outputs": "only_reward_good_outputs",
-    "checkpoint_state_freq": "resumable training state",
 }
 
 
@@ -563,6 +565,9 @@ def validate(cfg: Config) -> None:
     )
     tr = cfg.tracking
     _require(tr.save_freq == -1 or tr.save_freq >= 1, f"--save_freq must be -1 (off) or >= 1, got {tr.save_freq}")
+    _require(tr.checkpoint_state_freq == -1 or tr.checkpoint_state_freq >= 1,
+             f"--checkpoint_state_freq must be -1 (off) or >= 1, got {tr.checkpoint_state_freq}")
+    _require(op.max_nonfinite_updates >= 1, f"--max_nonfinite_updates must be >= 1, got {op.max_nonfinite_updates}")
     _require(
         tr.keep_last_n_checkpoints == -1 or tr.keep_last_n_checkpoints >= 1,
         f"--keep_last_n_checkpoints must be -1 (keep all) or >= 1, got {tr.keep_last_n_checkpoints}",
@@ -581,8 +586,22 @@ def validate(cfg: Config) -> None:
         _require(os.path.isfile(rw.verifier_module), f"--verifier_module {rw.verifier_module!r} not found; check the path")
     if data.system_prompt_file is not None:
         _require(os.path.isfile(data.system_prompt_file), f"--system_prompt_file {data.system_prompt_file!r} not found; check the path")
+    check_output_dir(cfg.experiment.output_dir)
     if cfg.experiment.run_name:
-        check_run_dir_free(os.path.join(cfg.experiment.output_dir, cfg.experiment.run_name))
+        run_dir = os.path.join(cfg.experiment.output_dir, cfg.experiment.run_name)
+        if check_run_dir_free(run_dir, cfg.experiment.resume):
+            from .state import check_same_flags
+
+            check_same_flags(run_dir, cfg.masked())
+
+
+def check_output_dir(output_dir: str) -> None:
+    """--output_dir must be a folder we can create and write in (checked before anything is loaded)."""
+    path = os.path.abspath(output_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    _require(os.path.isdir(path), f"--output_dir {output_dir!r}: {path} is a file, not a folder; choose another --output_dir")
+    _require(os.access(path, os.W_OK | os.X_OK), f"--output_dir {output_dir!r}: {path} is not writable; choose another --output_dir or fix its permissions")
 
 
 def chat_template_kwargs(model: ModelConfig) -> dict:
@@ -599,10 +618,22 @@ def chat_template_kwargs(model: ModelConfig) -> dict:
     return value
 
 
-def check_run_dir_free(run_dir: str) -> None:
-    """An existing non-empty run folder is never reused: its files would be overwritten."""
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
-        raise ConfigError(f"run folder {run_dir} already exists and is not empty; choose another --run_name or move it away")
+def check_run_dir_free(run_dir: str, resume: bool = False) -> bool:
+    """An existing non-empty run folder is never reused, unless it holds a resumable state and resume is on.
+    Returns True when the run will resume from it."""
+    from .checkpoint import newest_state
+
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"run folder {run_dir} is a file; choose another --run_name or move it away")
+    if not (os.path.isdir(run_dir) and os.listdir(run_dir)):
+        return False
+    state = newest_state(run_dir)
+    if state and resume:
+        return True
+    if state:
+        raise ConfigError(f"run folder {run_dir} holds a resumable state ({state}) and --resume is false; rerun without --resume false "
+                          "to continue it, or choose another --run_name")
+    raise ConfigError(f"run folder {run_dir} already exists and is not empty (and holds no resumable state); choose another --run_name or move it away")
 
 
 # ---------------------------------------------------------------- derived values

@@ -73,8 +73,9 @@ class MemoryProfiler:
         os.makedirs(folder, exist_ok=True)
         with self.lock:
             self.folder = folder
-            with open(self._path("memory_samples.csv"), "w", newline="") as f:
-                csv.DictWriter(f, CSV_FIELDS).writeheader()
+            if not os.path.exists(self._path("memory_samples.csv")):  # a resumed run appends
+                with open(self._path("memory_samples.csv"), "w", newline="") as f:
+                    csv.DictWriter(f, CSV_FIELDS).writeheader()
             for s in self.samples:
                 self._append(s)
         log.info("memory profile: sampling every %g s into %s", self.interval_s, folder)

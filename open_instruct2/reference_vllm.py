@@ -22,7 +22,6 @@ down ends the run with exit 2 after a checkpoint (trainer.py).
 """
 
 import atexit
-import json
 import logging
 import math
 import os

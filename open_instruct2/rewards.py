@@ -1,6 +1,7 @@
 """Reward composition: one reward per sample plus a named breakdown for logging.
 
     verifiable = verification_reward x verifier score            (apply_verifiable_reward)
+               = verification_reward x [score == 1]         (only_reward_good_outputs: no partial credit)
     format     = r1_style_format_reward if <think>..</think><answer>..</answer>, else 0
     reward     = verifiable + format          (additive_format_reward true)
                = verifiable if formatted else 0   (additive_format_reward false: the format gates)
@@ -8,11 +9,12 @@
                                                 format reward is the reward whatever additive says)
     non_stop_penalty: a 'length'-finished sample's reward is REPLACED by non_stop_penalty_value.
 
-A verifier that raises is not a wrong answer: it scores 0 for that sample, but is counted in
+A verifier that raises (or returns nan / inf) is not a wrong answer: it scores 0 for that sample, but is counted in
 `reward/verifier_errors` and its first message is logged, so a broken verifier is visible.
 """
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 
@@ -68,13 +70,18 @@ def compute_scores(
     if cfg.apply_verifiable_reward:
         for i in range(n):
             try:
-                verifier_scores[i] = verify(texts[i], verifiers[i], ground_truths[i])
+                value = verify(texts[i], verifiers[i], ground_truths[i])
+                if not math.isfinite(value):
+                    raise ValueError(f"returned {value} (a score must be a finite number in [0, 1])")
+                verifier_scores[i] = value
             except Exception as e:  # noqa: BLE001 - any verifier failure is counted, not fatal
                 errors += 1
                 first_error = first_error or f"{verifiers[i]}: {type(e).__name__}: {e}"
     if errors:
         log.warning("reward: %d verifier error(s) this step; first: %s", errors, first_error)
-    verifiable = cfg.verification_reward * verifier_scores
+    # only_reward_good_outputs: all or nothing, no partial credit
+    paid = (verifier_scores >= 1.0).float() if cfg.only_reward_good_outputs else verifier_scores
+    verifiable = cfg.verification_reward * paid
     formatted = torch.tensor([format_score(t) for t in texts]) if cfg.apply_r1_style_format_reward else torch.ones(n)
     breakdown = {"verifiable": verifiable}
     if cfg.apply_r1_style_format_reward:

@@ -43,12 +43,15 @@ def format_duration(seconds: float) -> str:
 
 
 class Tracker:
-    def __init__(self, run_dir: str, num_steps: int, config_text: str, wandb_settings: dict | None = None):
+    def __init__(self, run_dir: str, num_steps: int, config_text: str, wandb_settings: dict | None = None, first_step: int = 1):
         """wandb_settings: {"project", "entity", "name", "config", "secrets"} to also log to wandb (config already
         masked; the secrets are masked in the command line wandb records)."""
-        self.run_dir, self.num_steps = run_dir, num_steps
-        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-        self.writer.add_text("config", config_text, 0)
+        self.run_dir, self.num_steps, self.first_step = run_dir, num_steps, first_step
+        # A resumed run (first_step > 1): TensorBoard drops events logged from first_step on by the run that
+        # crashed, so no step appears twice (metrics.jsonl is truncated the same way, state.py).
+        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=first_step if first_step > 1 else None)
+        if first_step == 1:
+            self.writer.add_text("config", config_text, 0)
         self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         self.start = time.time()
         self.bar = None
@@ -68,7 +71,7 @@ class Tracker:
         if sys.stdout.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=num_steps, desc="GRPO", unit="step", file=sys.stdout, dynamic_ncols=True)
+            self.bar = tqdm(total=num_steps, initial=first_step - 1, desc="GRPO", unit="step", file=sys.stdout, dynamic_ncols=True)
 
     def _scalars(self, step: int, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
@@ -87,7 +90,7 @@ class Tracker:
             self.bar.update(1)
             return
         elapsed = time.time() - self.start
-        eta = elapsed / step * (self.num_steps - step)
+        eta = elapsed / (step - self.first_step + 1) * (self.num_steps - step)
         parts = " | ".join(f"{label} {value}" for label, value in shown.items())
         extra = f" | {note}" if note else ""
         print(f"step {step}/{self.num_steps} | {parts}{extra} | elapsed {format_duration(elapsed)} | eta {format_duration(eta)}", flush=True)

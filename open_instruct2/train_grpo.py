@@ -7,9 +7,7 @@ stderr and exit code 2; nothing on disk has been touched by then.
 
 import argparse
 import json
-import signal
 import textwrap
-import threading
 import logging
 import os
 import sys
@@ -19,6 +17,7 @@ from transformers import HfArgumentParser
 
 from .config import GROUPS, SECRET_FIELDS, Config, apply_smoke_test, validate
 from .errors import ConfigError, UserError
+from .signals import Stopped, StopRequest
 
 EXIT_USER_ERROR = 2
 API_KEY_ENV = "OPEN_INSTRUCT2_REFERENCE_API_KEY"
@@ -111,18 +110,9 @@ def quiet_libraries() -> None:
         pass
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that `finally` blocks (the vLLM child's shutdown) run."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    stop = StopRequest().install()  # SIGINT / SIGTERM: finish the step, save, stop the servers (signals.py)
     cfg = None
     try:
         cfg = apply_smoke_test(parse_config(argv))
@@ -138,18 +128,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .trainer import train
 
-        train(cfg)
+        train(cfg, stop)
         return 0
     except UserError as e:
         message = " ".join(str(e).split())
         print(f"error: {redact(message, cfg) if cfg else message}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except Stopped as e:
+        print(e.message, file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a signal handler other than ours (e.g. under a debugger)
         print("interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print("terminated", file=sys.stderr)
-        return 143
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ from .data import Prompt, PromptSampler, build_prompts, next_batch, read_system_
 from .losses import compute_advantages, zero_std_groups
 from .policy import MasterWeights, load_policy, load_tokenizer, optimizer_groups, trainable_parameters
 from .reference import Reference, make_reference
+from . import state
 from .errors import UserError
+from .signals import StopRequest, Stopped
 from .evaluation import eval_schedule, evaluate, load_eval_prompts, write_eval_records
 from .memory_profile import MemoryProfiler
 from .reference_vllm import ReferenceFailure
@@ -59,6 +61,12 @@ class Run:
     eval_steps: set[int]
     """Steps after which to evaluate (0: before the first step)."""
     profiler: MemoryProfiler | None
+    start_step: int = 0
+    """The step a resumed run continues after (0: a new run)."""
+    rubric_buffer: dict | None = None
+    """Per-prompt rubric lists (plain JSON), saved with the training state; None until rubrics are on."""
+    nonfinite_streak: int = 0
+    """Steps in a row whose update was skipped for a non-finite loss or gradient."""
 
     def marking(self, step: int) -> MemoryProfiler | None:
         """The profiler, when this step gets memory markers."""
@@ -109,30 +117,37 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     return metrics
 
 
-def train(cfg: Config) -> str:
-    """Run GRPO to the end; returns the run folder. Step-end work (evaluation, checkpoints, memory
-    markers) happens here, around `train_step`."""
+def train(cfg: Config, stop: StopRequest | None = None) -> str:
+    """Run GRPO to the end; returns the run folder. Step-end work (checkpoints and resumable states,
+    evaluation, memory markers, a requested stop) happens here, around `train_step`."""
+    stop = stop or StopRequest()
     profiler = start_memory_profiler(cfg)
     run = None
     try:
         run = setup(cfg, profiler)
-        log.info("training: %d steps of %d prompts x %d samples", run.derived.num_training_steps,
+        log.info("training: steps %d..%d of %d prompts x %d samples", run.start_step + 1, run.derived.num_training_steps,
                  cfg.rollout.num_unique_prompts_rollout, cfg.rollout.num_samples_per_prompt_rollout)
-        evaluate_if_due(run, 0)
-        for step in range(1, run.derived.num_training_steps + 1):
+        if run.start_step == 0:
+            evaluate_if_due(run, 0)
+        stop.armed = True
+        for step in range(run.start_step + 1, run.derived.num_training_steps + 1):
             if run.marking(step):
                 run.profiler.mark(f"step_{step}_start", f"step {step} rollout")
             try:
-                train_step(run, step)
+                metrics = train_step(run, step)
             except ReferenceFailure as e:
                 raise UserError(f"the reference failed at step {step} ({e}); {save_progress(run, step - 1)}") from None
-            if cfg.tracking.save_freq > 0 and step % cfg.tracking.save_freq == 0:
-                checkpoint.save_checkpoint(run.policy, run.tokenizer, run.derived.run_dir, step, cfg.tracking.keep_last_n_checkpoints)
+            save_due(run, step)
+            check_nonfinite(run, step, metrics)
             evaluate_if_due(run, step)
             if run.marking(step):
                 run.profiler.mark(f"step_{step}_end", "between steps")
+            if stop.requested and step < run.derived.num_training_steps:
+                raise Stopped(stop.signum, stop_message(run, step, stop.signum))
+        stop.armed = False
         checkpoint.save_final(run.policy, run.tokenizer, run.derived.run_dir, cfg.lora.train_mode == "lora", cfg.lora.save_merged_model)
     finally:
+        stop.armed = False
         if run is not None:
             run.tracker.close()
             if run.reference is not None:
@@ -141,6 +156,42 @@ def train(cfg: Config) -> str:
             profiler.stop()
     plot_run(run.derived.run_dir)
     return run.derived.run_dir
+
+
+def save_due(run: Run, step: int, force_state: bool = False) -> str | None:
+    """The checkpoint of this step, if one is due: a resumable state every checkpoint_state_freq steps,
+    the model alone every save_freq steps. Returns the folder of a state saved now."""
+    tr = run.cfg.tracking
+    state_due = force_state or (tr.checkpoint_state_freq > 0 and step % tr.checkpoint_state_freq == 0)
+    if not state_due and not (tr.save_freq > 0 and step % tr.save_freq == 0):
+        return None
+    folder = checkpoint.save_checkpoint(run.policy, run.tokenizer, run.derived.run_dir, step, tr.keep_last_n_checkpoints,
+                                        state=state.capture(run, step) if state_due else None)
+    return folder if state_due else None
+
+
+def check_nonfinite(run: Run, step: int, metrics: dict[str, float]) -> None:
+    """max_nonfinite_updates steps in a row whose update was skipped for a non-finite loss or gradient: stop."""
+    run.nonfinite_streak = run.nonfinite_streak + 1 if metrics.get("train/nonfinite_updates", 0.0) > 0 else 0
+    limit = run.cfg.optim.max_nonfinite_updates
+    if run.nonfinite_streak >= limit:
+        saved = save_due(run, step, force_state=run.cfg.tracking.checkpoint_state_freq > 0) or checkpoint.newest_state(run.derived.run_dir)
+        where = f"; the last state is {saved}" if saved else ""
+        raise UserError(f"{limit} steps in a row (up to step {step}) had a non-finite loss or gradient and made no update{where}; "
+                        "lower --learning_rate, check the rewards (rollouts with --save_rollouts true), or raise --max_nonfinite_updates")
+
+
+def stop_message(run: Run, step: int, signum: int) -> str:
+    """On a signal between steps: save a resumable state if checkpointing is on, and say how to resume."""
+    import signal as _signal
+
+    name = _signal.Signals(signum).name
+    if run.cfg.tracking.checkpoint_state_freq > 0:
+        newest = checkpoint.newest_state(run.derived.run_dir)
+        folder = newest if newest and newest.endswith(f"step_{step}") else save_due(run, step, force_state=True)
+        return f"stopped by {name} after step {step}; resumable state in {folder}: rerun the same command to continue"
+    return (f"stopped by {name} after step {step}; no resumable state was saved (--checkpoint_state_freq is off), "
+            "so a rerun starts over: set --checkpoint_state_freq to be able to resume")
 
 
 def start_memory_profiler(cfg: Config) -> MemoryProfiler | None:
@@ -290,12 +341,17 @@ def sample_rows(rollouts: Rollouts, prompts: list[Prompt], scores: Scores, limit
 # ---------------------------------------------------------------- setup
 
 
-def make_run_dir(run_dir: str) -> None:
-    """Create the run folder; an existing non-empty one is never reused (two runs in the same second)."""
+def make_run_dir(run_dir: str, resume: bool = False) -> str | None:
+    """Create the run folder. An existing non-empty one is reused only to resume from its newest state
+    (returned); otherwise it is refused (e.g. two runs started in the same second)."""
     try:
         os.makedirs(run_dir)
+        return None
     except FileExistsError:
-        check_run_dir_free(run_dir)
+        if not check_run_dir_free(run_dir, resume):
+            return None
+    checkpoint.remove_partial_saves(run_dir)
+    return checkpoint.newest_state(run_dir)
 
 
 def prepare_verifiers(prompts: list[Prompt], cfg: Config) -> None:
@@ -341,10 +397,16 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
         prepare_verifiers(prompts + eval_prompts, cfg)
     log.info("data: %d prompts%s", len(prompts), f", {len(eval_prompts)} held out for evaluation" if eval_prompts else "")
     policy = load_policy(cfg, runtime)
-    make_run_dir(derived.run_dir)
+    created = not os.path.exists(derived.run_dir)
+    resume_from = make_run_dir(derived.run_dir, cfg.experiment.resume)
+    try:
+        reference = make_reference(cfg, runtime, policy, tokenizer, derived.run_dir)
+    except BaseException:
+        if created and not os.listdir(derived.run_dir):  # a refused endpoint or a busy port leaves no empty run folder
+            os.rmdir(derived.run_dir)
+        raise
     if profiler is not None:
         profiler.attach(derived.run_dir)
-    reference = make_reference(cfg, runtime, policy, tokenizer, derived.run_dir)
     master = MasterWeights(trainable_parameters(policy))
     optimizer = torch.optim.AdamW(optimizer_groups(policy, master, cfg.optim.weight_decay), lr=cfg.optim.learning_rate)
     from transformers import get_scheduler
@@ -359,9 +421,17 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
     if cfg.tracking.with_tracking:
         wandb_settings = {"project": cfg.tracking.wandb_project_name, "entity": cfg.tracking.wandb_entity, "name": derived.run_name,
                           "config": summary, "secrets": [cfg.reference.reference_api_key]}  # config already masked
-    tracker = Tracker(derived.run_dir, derived.num_training_steps, "```\n" + json.dumps(summary, indent=2, default=str) + "\n```", wandb_settings)
+    resumed_step = state.saved_step(resume_from) if resume_from else 0
+    if resume_from:
+        state.truncate_logs(derived.run_dir, resumed_step)
+    tracker = Tracker(derived.run_dir, derived.num_training_steps, "```\n" + json.dumps(summary, indent=2, default=str) + "\n```",
+                      wandb_settings, first_step=resumed_step + 1)
     trainable = sum(p.numel() for p in trainable_parameters(policy))
     log.info("policy: %s, %.1fM trainable parameters, run folder %s", cfg.lora.train_mode, trainable / 1e6, derived.run_dir)
-    return Run(cfg, derived, runtime, tokenizer, prompts, PromptSampler(len(prompts), cfg.experiment.seed), policy, reference,
-               master, optimizer, scheduler, tracker, eval_prompts, eval_schedule(derived.num_training_steps, cfg.tracking.num_evals)
-               if eval_prompts else set(), profiler)
+    run = Run(cfg, derived, runtime, tokenizer, prompts, PromptSampler(len(prompts), cfg.experiment.seed), policy, reference,
+              master, optimizer, scheduler, tracker, eval_prompts, eval_schedule(derived.num_training_steps, cfg.tracking.num_evals)
+              if eval_prompts else set(), profiler)
+    if resume_from:
+        run.start_step = state.restore(run, resume_from)
+        log.info("resume: continuing %s from step %d (state %s)", derived.run_dir, run.start_step, resume_from)
+    return run

@@ -86,13 +86,21 @@ def update_policy(run, rollouts: Rollouts, advantages: torch.Tensor, ref_logprob
                 num_tokens=int(rollouts.response_mask[mini].sum()), num_sequences=len(mini), max_response_length=cfg.rollout.response_length
             )
             backward_mini_batch(run.policy, run.master, rollouts, work, norm, advantages, old_logprobs, ref_logprobs, cfg, sums)
-            sums["grad_norm"] += optimizer_step(run)
+            grad_norm = optimizer_step(run)
+            if grad_norm is None:
+                sums["nonfinite_updates"] += 1
+                continue
+            sums["grad_norm"] += grad_norm
             steps += 1
     values = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # the one host sync of the update
     tokens = max(values.pop("tokens"), 1.0)
-    metrics = {"train/optimizer_steps": float(steps)}
+    metrics = {"train/optimizer_steps": float(steps), "train/nonfinite_updates": values.pop("nonfinite_updates", 0.0)}
     for name, value in values.items():
-        metrics[f"train/{name}"] = value / steps if name in ("loss", "grad_norm") else value / tokens
+        if name in ("loss", "grad_norm"):
+            if steps:
+                metrics[f"train/{name}"] = value / steps
+        else:
+            metrics[f"train/{name}"] = value / tokens
     return metrics
 
 
@@ -131,13 +139,16 @@ def backward_mini_batch(model, master, rollouts: Rollouts, rows: list[int], norm
             sums[k] += v
 
 
-def optimizer_step(run) -> torch.Tensor:
+def optimizer_step(run) -> torch.Tensor | None:
     """Clip, step (the fp32 master weights when the policy is low-precision); returns the gradient norm
-    before clipping, on the device."""
+    before clipping. A non-finite norm (a nan or inf loss or gradient) skips the step and returns None:
+    the weights and AdamW's moments stay as they were."""
     params = run.master.optim_params
     max_norm = run.cfg.optim.max_grad_norm if run.cfg.optim.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    run.optimizer.step()
+    finite = bool(torch.isfinite(grad_norm))  # one host sync per optimizer step
+    if finite:
+        run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.master.master_to_model()
-    return grad_norm.detach()
+    return grad_norm.detach() if finite else None

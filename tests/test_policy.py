@@ -1,7 +1,6 @@
 """Log-probs in the rollout layout, micro-batch invariance, fp32 master weights, and which parameters
 one update changes (full vs LoRA)."""
 
-import copy
 
 import pytest
 import torch

@@ -324,20 +324,28 @@ def test_launch_local_vllm_survives_a_killed_server(tmp_path):
     assert_key_nowhere(run_dir, stdout, stderr)
 
 
-def test_sigterm_stops_the_launched_server(tmp_path):
+def test_sigterm_saves_a_resumable_state_and_stops_the_launched_server(tmp_path):
     port = free_port()
-    args = e2e_args(tmp_path, "--reference_mode", "launch_local_vllm", "--reference_launch_port", port, "--num_training_steps", "50")
+    args = e2e_args(tmp_path, "--reference_mode", "launch_local_vllm", "--reference_launch_port", port, "--num_training_steps", "50",
+                    "--checkpoint_state_freq", "100")
     proc = subprocess.Popen([sys.executable, "-m", "open_instruct2.train_grpo", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "out" / "r" / "metrics.jsonl"
     try:
         [server] = wait_for(lambda: vllm_children(proc.pid), 120, "the vLLM child")
         family = [server, *server.children(recursive=True)]
-        wait_for(lambda: (tmp_path / "out" / "r" / "metrics.jsonl").exists(), 600, "step 1")
+        wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 600, "step 1")
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=120)
+        _, stderr = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 143
+    assert proc.returncode == 143, stderr[-2000:]
+    [line] = [line for line in stderr.splitlines() if line.strip()]
+    assert line.startswith("stopped by SIGTERM after step") and "rerun the same command to continue" in line
+    steps = len(metrics.read_text().splitlines())
+    from open_instruct2.checkpoint import newest_state
+
+    assert newest_state(str(tmp_path / "out" / "r")).endswith(f"step_{steps}")  # the state of the last finished step
     gone, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, [p.pid for p in alive]

@@ -91,3 +91,22 @@ def test_format_only_reward_is_not_gated_by_an_absent_verifier():
                        additive_format_reward=False)
     s = compute_scores([GOOD, UNFORMATTED], ["stop", "stop"], [["gsm8k"]] * 2, [["12"]] * 2, cfg)
     assert s.rewards.tolist() == [1.0, 0.0]  # a group of these has a signal
+
+
+def test_only_reward_good_outputs_pays_nothing_for_partial_credit():
+    # string_f1 gives partial credit (SQuAD normalisation drops "the"): "cat sat" vs "cat sat down" -> P 1, R 2/3, F1 0.8
+    truths = [["the cat sat down"]] * 2
+    texts = ["the cat sat", "the cat sat down"]
+    partial = compute_scores(texts, ["stop"] * 2, [["string_f1"]] * 2, truths, RewardConfig(verification_reward=1.0))
+    assert partial.rewards[0] == pytest.approx(0.8) and partial.rewards[1] == 1.0
+    strict = compute_scores(texts, ["stop"] * 2, [["string_f1"]] * 2, truths, RewardConfig(verification_reward=1.0, only_reward_good_outputs=True))
+    assert strict.rewards.tolist() == [0.0, 1.0]
+    assert strict.verifier_scores[0] == pytest.approx(0.8)  # the verifier's own score is still logged
+
+
+def test_a_verifier_returning_nan_is_a_counted_error_not_a_reward(monkeypatch):
+    from open_instruct2 import rewards
+
+    monkeypatch.setitem(rewards.VERIFIERS, "nan_verifier", lambda text, truth: float("nan"))
+    s = compute_scores(["x", "y"], ["stop"] * 2, [["nan_verifier"]] * 2, [["1"]] * 2, RewardConfig())
+    assert s.verifier_errors == 2 and s.rewards.tolist() == [0.0, 0.0]

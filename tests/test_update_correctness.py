@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_config, write_rows
+from conftest import tiny_config
 from open_instruct2 import trainer, update
 from open_instruct2.data import Prompt, PromptBatch, tokenize_prompt
 from open_instruct2.logprobs import token_logprobs

@@ -1,0 +1,143 @@
+"""The resumable training state, saved and loaded as one unit (`--checkpoint_state_freq N`).
+
+A state checkpoint (checkpoints/step_<N>/, written atomically by checkpoint.py) holds:
+- the model (full) or the adapter (LoRA), as save_pretrained files: loadable on their own;
+- training_state.pt: the fp32 master weights of low-precision parameters, the AdamW state, the scheduler,
+  and the RNG states (Python, NumPy, torch CPU, every CUDA device);
+- training_state.json: the step, episodes seen, the prompt sampler's position, the rubric buffer (plain
+  JSON; empty until rubrics land), and the flags it was trained with.
+
+Rerunning the same command continues from the newest state in the run folder: weights, optimizer,
+schedule, data order and random streams come back exactly, so on a CPU the weights at the end are
+bit-identical to an uninterrupted run's (tests/test_resume.py). Metrics after the state's step (a crashed
+run may have logged a few) are dropped from metrics.jsonl and TensorBoard, so the logs continue without
+duplicate or missing steps. Changing a flag that alters the math between the crash and the rerun is refused
+(naming the flag); the flags in HARMLESS may change.
+"""
+
+import json
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+
+from .checkpoint import CONFIG_FILE, STATE_META, STATE_TENSORS
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+HARMLESS = {
+    # logging, checkpointing and profiling: what is written, not what is learned
+    "log_level", "log_samples_freq", "save_rollouts", "save_freq", "checkpoint_state_freq", "keep_last_n_checkpoints",
+    "with_tracking", "wandb_project_name", "wandb_entity", "num_evals", "eval_max_samples", "shuffle_eval_dataset",
+    "dataset_mixer_eval_list", "dataset_mixer_eval_list_splits", "dry_run", "resume",
+    "enable_memory_profile", "memory_profile_interval_s", "memory_profile_top_n_children", "memory_profile_mark_steps",
+    "memory_profile_step_interval", "memory_profile_enable_tracemalloc",
+    # where the reference is served from (not which model it is), timeouts and retries, threads
+    "reference_endpoint", "reference_api_key", "reference_served_model_name", "reference_launch_host", "reference_launch_port",
+    "reference_launch_gpu_memory_utilization", "reference_launch_tensor_parallel_size", "reference_launch_extra_args",
+    "reference_startup_timeout_s", "reference_timeout_s", "reference_max_retries", "num_threads", "max_nonfinite_updates",
+}
+
+
+def capture(run, step: int) -> tuple[dict, dict]:
+    """(tensors for torch.save, JSON-able meta) of the state after `step`."""
+    cuda = [t.cpu() for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    tensors = {
+        "masters": [m.detach().clone() for _, m in run.master.pairs],
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda},
+    }
+    cfg = run.cfg
+    meta = {
+        "step": step,
+        "episodes": step * run.derived.rollout_batch_size,
+        "sampler": run.sampler.state_dict(),
+        "rubric_buffer": run.rubric_buffer,
+        "flags": cfg.masked(),
+        "train_mode": cfg.lora.train_mode,
+    }
+    return tensors, meta
+
+
+def saved_step(folder: str) -> int:
+    with open(os.path.join(folder, STATE_META)) as f:
+        return int(json.load(f)["step"])
+
+
+def restore(run, folder: str) -> int:
+    """Load a state into a freshly set-up run; returns the step it was saved after."""
+    with open(os.path.join(folder, STATE_META)) as f:
+        meta = json.load(f)
+    tensors = torch.load(os.path.join(folder, STATE_TENSORS), map_location="cpu", weights_only=False)
+    load_weights(run.policy, folder, meta["train_mode"] == "lora")
+    for (param, master), saved in zip(run.master.pairs, tensors["masters"]):
+        master.data.copy_(saved)
+    run.master.master_to_model()  # the low-precision weights are the masters rounded, as after a step
+    run.optimizer.load_state_dict(tensors["optimizer"])
+    run.scheduler.load_state_dict(tensors["scheduler"])
+    run.sampler.load_state_dict(meta["sampler"])
+    run.rubric_buffer = meta.get("rubric_buffer")
+    rng = tensors["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(meta["step"])
+
+
+def load_weights(policy, folder: str, lora: bool) -> None:
+    """The trainable weights of a state folder into the policy, exactly (safetensors keep the bytes)."""
+    from safetensors.torch import load_file
+
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(policy, load_file(os.path.join(folder, "adapter_model.safetensors")))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ConfigError(f"the adapter in {folder} does not fit this model ({unexpected[:3]}...); resume with the same LoRA flags")
+        return
+    weights = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            weights.update(load_file(os.path.join(folder, name)))
+    missing, unexpected = policy.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}  # saved once, as the input embeddings
+    if unexpected or set(missing) - tied:
+        raise ConfigError(f"the weights in {folder} do not fit this model (missing {sorted(set(missing) - tied)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}); resume with the same --model_name_or_path")
+
+
+def check_same_flags(run_dir: str, flags: dict) -> None:
+    """Refuse a rerun whose flags would change the math of the run it continues."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        before = json.load(f).get("flags", {})
+    for name, value in flags.items():
+        if name in HARMLESS or name not in before:
+            continue
+        if json.loads(json.dumps(value, default=str)) != before[name]:
+            raise ConfigError(
+                f"--{name} is {value!r} but the run in {run_dir} was trained with {before[name]!r}; resuming needs the same value "
+                f"(or start a new run with another --run_name)"
+            )
+
+
+def truncate_logs(run_dir: str, step: int) -> None:
+    """Drop metrics.jsonl lines after `step` (logged by a run that crashed before its next state)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)

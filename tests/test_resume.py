@@ -1,0 +1,226 @@
+"""Exact resume: a run killed with SIGKILL and rerun ends bit-identical to an uninterrupted one; signals
+save a resumable state; an interrupted save leaves the previous state usable; changed flags are refused;
+non-finite updates are skipped and, K in a row, stop the run."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, assert_one_line_error, tiny_config
+from open_instruct2 import checkpoint, trainer, update
+from open_instruct2.errors import UserError
+from open_instruct2.signals import Stopped, StopRequest
+from test_train_e2e import tiny_args
+
+
+def weights(folder):
+    out = {}
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, name)))
+    return out
+
+
+def train_lines(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"reward/mean"' in line]
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, "-m", "open_instruct2.train_grpo", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, proc, timeout=300):
+    """Until `path` exists and is not empty (metrics.jsonl exists from start-up on, with lines from step 1)."""
+    deadline = time.time() + timeout
+    while not (os.path.exists(path) and os.path.getsize(path) > 0):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def run_args(tmp_path, tiny_model_dir, name):
+    # beta > 0 keeps every group in the update (the KL term), so every step makes a real optimizer step
+    return tiny_args(tmp_path, tiny_model_dir, "--num_training_steps", "8", "--checkpoint_state_freq", "2", "--beta", "0.1",
+                     "--response_length", "24", "--run_name", name, "--num_evals", "0", "--keep_last_n_checkpoints", "2")
+
+
+def test_sigkill_then_the_same_command_ends_bit_identical(tmp_path, tiny_model_dir):
+    straight = subprocess.run([sys.executable, "-m", "open_instruct2.train_grpo", *map(str, run_args(tmp_path, tiny_model_dir, "straight"))],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    args = run_args(tmp_path, tiny_model_dir, "killed")
+    run_dir = tmp_path / "out" / "killed"
+    proc = start(args)
+    wait_for(run_dir / "checkpoints" / "step_2" / "training_state.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    done_before = len(train_lines(run_dir))
+    assert 2 <= done_before < 8  # killed mid-run, after a state
+    rerun = subprocess.run([sys.executable, "-m", "open_instruct2.train_grpo", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resume: continuing" in rerun.stdout and "from step" in rerun.stdout
+    a, b = weights(tmp_path / "out" / "straight"), weights(run_dir)
+    start_weights = weights(tiny_model_dir)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert not torch.equal(a["model.norm.weight"], start_weights["model.norm.weight"])  # it trained
+    lines = train_lines(run_dir)
+    assert [m["step"] for m in lines] == list(range(1, 9))  # no step twice, none missing
+    assert all(m["train/optimizer_steps"] >= 1 for m in lines)  # real updates on every step
+    assert [m["reward/mean"] for m in lines] == [m["reward/mean"] for m in train_lines(tmp_path / "out" / "straight")]
+    from test_train_e2e import scalars
+
+    assert [e.step for e in scalars(run_dir).Scalars("reward/mean")] == list(range(1, 9))
+    assert checkpoint.list_checkpoints(str(run_dir)) == ["step_6", "step_8"]  # keep_last_n_checkpoints 2
+
+
+def test_sigterm_saves_a_state_and_the_rerun_finishes(tmp_path, tiny_model_dir):
+    args = run_args(tmp_path, tiny_model_dir, "r")
+    args[args.index("--checkpoint_state_freq") + 1] = "100"  # no state would be due before the end
+    run_dir = tmp_path / "out" / "r"
+    proc = start(args)
+    wait_for(run_dir / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGTERM after step") and "rerun the same command to continue" in lines[0]
+    step = len(train_lines(run_dir))
+    assert checkpoint.newest_state(str(run_dir)).endswith(f"step_{step}")
+    rerun = subprocess.run([sys.executable, "-m", "open_instruct2.train_grpo", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert [m["step"] for m in train_lines(run_dir)] == list(range(1, 9))
+
+
+def test_sigint_without_checkpointing_says_a_rerun_starts_over(tmp_path, tiny_model_dir):
+    args = run_args(tmp_path, tiny_model_dir, "r")
+    args[args.index("--checkpoint_state_freq") + 1] = "-1"
+    proc = start(args)
+    wait_for(tmp_path / "out" / "r" / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "stopped by SIGINT after step" in stderr and "set --checkpoint_state_freq to be able to resume" in stderr
+
+
+# ---------------------------------------------------------------- in-process: LoRA, bf16, failures
+
+
+def stopped_after(cfg, steps):
+    """train() with a stop request that fires once `steps` steps have run."""
+    stop = StopRequest()
+    original = trainer.train_step
+
+    def counting(run, step):
+        metrics = original(run, step)
+        if step == steps:
+            stop.signum = signal.SIGTERM
+        return metrics
+
+    trainer.train_step = counting
+    try:
+        with pytest.raises(Stopped) as info:
+            trainer.train(cfg, stop)
+    finally:
+        trainer.train_step = original
+    return info.value
+
+
+@pytest.mark.parametrize("mode", ["lora", "bf16"])
+def test_stop_and_resume_in_process_matches_a_straight_run(tmp_path, tiny_model_dir, mode):
+    """LoRA (the adapter is reloaded through PEFT) and a bf16 policy (fp32 masters restored) resume exactly."""
+    extra = {"lora": dict(train_mode="lora", lora_r=4), "bf16": dict(policy_dtype="bfloat16", train_mode="full")}[mode]
+    common = dict(num_training_steps=4, checkpoint_state_freq=3, beta=0.1, num_evals=0, learning_rate=1e-2, **extra)
+    straight = trainer.train(tiny_config(tmp_path / "a", tiny_model_dir, run_name="s", **common))
+    cfg = tiny_config(tmp_path / "b", tiny_model_dir, run_name="s", **common)
+    stopped = stopped_after(cfg, 2)
+    assert "stopped by SIGTERM after step 2; resumable state in" in stopped.message and stopped.exit_code == 143
+    resumed = trainer.train(tiny_config(tmp_path / "b", tiny_model_dir, run_name="s", **common))
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["step"] for m in train_lines(resumed)] == [1, 2, 3, 4]
+
+
+def test_an_interrupted_save_leaves_the_previous_state_loadable_and_resumable(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = tiny_config(tmp_path, tiny_model_dir, run_name="r", num_training_steps=3, checkpoint_state_freq=1, num_evals=0)
+    saves = []
+    real_save = torch.save
+
+    def failing_save(obj, path, *a, **k):
+        saves.append(path)
+        if len(saves) == 2:  # the writer of step 2's state fails half-way: the model files are already written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    with pytest.raises(UserError, match=r"cannot write checkpoint .*step_2 \(the disk is full\); the previous state .*step_1 is intact"):
+        trainer.train(cfg)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    run_dir = tmp_path / "out" / "r"
+    assert os.listdir(run_dir / "checkpoints") == ["step_1"]  # no half-written step_2, no temporary folder
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(run_dir / "checkpoints" / "step_1"))  # loadable on its own
+    done = trainer.train(tiny_config(tmp_path, tiny_model_dir, run_name="r", num_training_steps=3, checkpoint_state_freq=1, num_evals=0))
+    assert [m["step"] for m in train_lines(done)] == [1, 2, 3]  # resumed from step 1: no step twice
+
+
+def test_changed_flags_are_refused_and_harmless_ones_allowed(tmp_path, tiny_model_dir):
+    from open_instruct2.train_grpo import main
+
+    args = [str(a) for a in run_args(tmp_path, tiny_model_dir, "r")]
+    args[args.index("--num_training_steps") + 1] = "2"
+    args[args.index("--checkpoint_state_freq") + 1] = "1"
+    assert main(args) == 0  # a finished run with states in it
+    run_dir = tmp_path / "out" / "r"
+    before = {p: os.path.getmtime(os.path.join(run_dir, p)) for p in os.listdir(run_dir)}
+    changed = args[:]
+    changed[changed.index("--learning_rate") + 1] = "0.5"
+    proc = subprocess.run([sys.executable, "-m", "open_instruct2.train_grpo", *changed], cwd=REPO, capture_output=True, text=True)
+    assert_one_line_error(proc, "--learning_rate is 0.5 but the run in", "was trained with 0.001", "another --run_name")
+    proc = subprocess.run([sys.executable, "-m", "open_instruct2.train_grpo", *args, "--resume", "false"], cwd=REPO, capture_output=True, text=True)
+    assert_one_line_error(proc, "holds a resumable state", "--resume is false")
+    assert {p: os.path.getmtime(os.path.join(run_dir, p)) for p in os.listdir(run_dir)} == before  # nothing touched
+    # a harmless change (how often samples are logged) resumes; the run is complete, so nothing is left to do
+    proc = subprocess.run([sys.executable, "-m", "open_instruct2.train_grpo", *args, "--log_samples_freq", "5"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resume: continuing" in proc.stdout and [m["step"] for m in train_lines(run_dir)] == [1, 2]
+
+
+def test_nonfinite_updates_are_skipped_and_k_in_a_row_stop_the_run(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = tiny_config(tmp_path, tiny_model_dir, run_name="r", num_training_steps=6, checkpoint_state_freq=1, max_nonfinite_updates=2,
+                      filter_zero_std_groups=False, num_evals=0)
+    real = trainer.compute_advantages
+    monkeypatch.setattr(trainer, "compute_advantages", lambda *a: real(*a) * float("nan") if seen.append(1) or len(seen) > 1 else real(*a))
+    seen = []
+    with pytest.raises(UserError, match=r"2 steps in a row \(up to step 3\) had a non-finite loss or gradient and made no update; "
+                                        r"the last state is .*step_3"):
+        trainer.train(cfg)
+    lines = train_lines(tmp_path / "out" / "r")
+    assert [(m["train/optimizer_steps"], m["train/nonfinite_updates"]) for m in lines] == [(1.0, 0.0), (0.0, 1.0), (0.0, 1.0)]
+    assert all(torch.isfinite(t).all() for t in weights(tmp_path / "out" / "r" / "checkpoints" / "step_3").values())
+
+
+def test_a_nonfinite_gradient_leaves_weights_and_adam_untouched(tmp_path, tiny_model_dir):
+    cfg = tiny_config(tmp_path, tiny_model_dir, train_mode="full")
+    run = trainer.setup(cfg)
+    batch = trainer.next_batch(run.prompts, run.sampler, 2)
+    rollouts = trainer.generate_rollouts(run.policy, run.tokenizer, batch, num_samples=3, response_length=8, temperature=0.7, top_p=1.0,
+                                         stop_strings=None, device=torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in run.policy.named_parameters()}
+    rows = update.LossRows(list(range(6)), list(range(6)))
+    metrics = update.update_policy(run, rollouts, torch.tensor([1.0, float("nan"), 0.5, -0.5, 2.0, -2.0]), None, rows)
+    assert metrics["train/nonfinite_updates"] == 1.0 and metrics["train/optimizer_steps"] == 0.0
+    assert all(torch.equal(p, before[n]) for n, p in run.policy.named_parameters())
+    assert run.optimizer.state_dict()["state"] == {}  # AdamW never saw the bad gradient
