@@ -40,7 +40,9 @@ def _sentences(text: str) -> list[str]:
 
 
 def _count_word(text: str, word: str) -> int:
-    return len(re.findall(rf"\b{re.escape(word)}\b", text, flags=re.IGNORECASE))
+    """Whole-word occurrences; the edges are 'no word character next to it', so words that start or end
+    with a symbol ($5, C++) are found too (\\b cannot sit before a $)."""
+    return len(re.findall(rf"(?<!\w){re.escape(word)}(?!\w)", text, flags=re.IGNORECASE))
 
 
 def _paragraphs(text: str, num_paragraphs: int) -> bool:
@@ -93,7 +95,7 @@ CONSTRAINTS = {
         sum(1 for w in _words(r) if w.isupper()), k["capital_relation"], k["capital_frequency"]
     ),
     "detectable_format:json_format": lambda r, k: _json(r),
-    "detectable_format:title": lambda r, k: any(t.strip() for t in re.findall(r"<<([^\n]+?)>>", r)),
+    "detectable_format:title": lambda r, k: any(t.strip() for t in re.findall(r"<<([^\n<>]+)>>", r)),
     "detectable_format:number_bullet_lists": lambda r, k: _bullets(r) == k["num_bullets"],
     "detectable_format:number_highlighted_sections": lambda r, k: _highlights(r) >= k["num_highlights"],
     "detectable_format:multiple_sections": lambda r, k: _sections(r, k["section_spliter"], k["num_sections"]),
@@ -101,7 +103,7 @@ CONSTRAINTS = {
     "detectable_content:postscript": lambda r, k: bool(
         re.search(rf"\s*{re.escape(k['postscript_marker'].lower())}.*$", r.lower(), flags=re.MULTILINE)
     ),
-    "startend:end_checker": lambda r, k: r.strip().lower().endswith(k["end_phrase"].strip().lower()),
+    "startend:end_checker": lambda r, k: r.strip().strip('"').strip().lower().endswith(k["end_phrase"].strip().lower()),
     "startend:quotation": lambda r, k: len(r.strip()) > 1 and r.strip()[0] == '"' and r.strip()[-1] == '"',
 }
 

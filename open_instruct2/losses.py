@@ -29,37 +29,57 @@ def _group(rewards: Tensor, group_size: int) -> Tensor:
     return rewards.view(-1, group_size)
 
 
-def advantages_standard(rewards: Tensor, group_size: int) -> Tensor:
-    """(r - group mean) / (group std + 1e-8). rewards (N,) -> (N,)."""
+def _valid(rewards: Tensor, valid: Tensor | None) -> Tensor:
+    return torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
+
+
+def _group_stats(rewards: Tensor, group_size: int, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(grouped rewards, group mean, group population std), both statistics over the valid samples only.
+    rewards, valid (N,) -> (N/G, G), (N/G, 1), (N/G, 1)."""
     grouped = _group(rewards, group_size)  # (N/G, G)
-    mean = grouped.mean(dim=1, keepdim=True)
-    std = grouped.std(dim=1, unbiased=False, keepdim=True)
+    weight = _group(_valid(rewards, valid).to(rewards.dtype), group_size)  # (N/G, G) 1 where valid
+    count = weight.sum(dim=1, keepdim=True).clamp(min=1)  # (N/G, 1)
+    mean = (grouped * weight).sum(dim=1, keepdim=True) / count
+    std = (((grouped - mean) ** 2 * weight).sum(dim=1, keepdim=True) / count).sqrt()
+    return grouped, mean, std
+
+
+def advantages_standard(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+    """(r - group mean) / (group std + 1e-8), statistics over the group's valid samples. rewards (N,) -> (N,)."""
+    grouped, mean, std = _group_stats(rewards, group_size, valid)
     return ((grouped - mean) / (std + 1e-8)).reshape(-1)
 
 
-def advantages_centered(rewards: Tensor, group_size: int) -> Tensor:
+def advantages_centered(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
     """r - group mean (Dr. GRPO: no division by the std). rewards (N,) -> (N,)."""
-    grouped = _group(rewards, group_size)  # (N/G, G)
-    return (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    grouped, mean, _ = _group_stats(rewards, group_size, valid)
+    return (grouped - mean).reshape(-1)
 
 
-ADVANTAGE_NORMALIZATIONS: dict[str, Callable[[Tensor, int], Tensor]] = {
+ADVANTAGE_NORMALIZATIONS: dict[str, Callable[[Tensor, int, Tensor | None], Tensor]] = {
     "standard": advantages_standard,
     "centered": advantages_centered,
 }
 
 
-def compute_advantages(rewards: Tensor, group_size: int, normalization: str) -> Tensor:
+def compute_advantages(rewards: Tensor, group_size: int, normalization: str, valid: Tensor | None = None) -> Tensor:
     """Per-sample advantages (N,) with the named normalisation; exactly 0 in groups whose rewards are all
-    equal (rounding in the group mean would otherwise leave ~1e-9 residues that the std of ~1e-9 blows up)."""
-    advantages = _pick(ADVANTAGE_NORMALIZATIONS, normalization, "advantage normalization")(rewards.float(), group_size)
-    return torch.where(zero_std_groups(rewards, group_size), 0.0, advantages)  # (N,)
+    equal (rounding in the group mean would otherwise leave ~1e-9 residues that the std of ~1e-9 blows up)
+    and for invalid samples (`valid` False: e.g. a response the judge could not score), which are left out
+    of their group's mean and std."""
+    advantages = _pick(ADVANTAGE_NORMALIZATIONS, normalization, "advantage normalization")(rewards.float(), group_size, valid)
+    keep = ~zero_std_groups(rewards, group_size, valid) & _valid(rewards, valid)
+    return torch.where(keep, advantages, 0.0)  # (N,)
 
 
-def zero_std_groups(rewards: Tensor, group_size: int) -> Tensor:
-    """(N,) bool: True for every sample of a group whose rewards are all equal (no learning signal)."""
+def zero_std_groups(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+    """(N,) bool: True for every sample of a group whose valid rewards are all equal, or that has fewer than
+    two valid samples (no learning signal)."""
     grouped = _group(rewards, group_size)  # (N/G, G)
-    same = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # (N/G, 1)
+    ok = _group(_valid(rewards, valid), group_size)  # (N/G, G)
+    first = torch.where(ok, grouped, torch.inf).min(dim=1, keepdim=True).values  # (N/G, 1) smallest valid reward
+    last = torch.where(ok, grouped, -torch.inf).max(dim=1, keepdim=True).values  # (N/G, 1) largest valid reward
+    same = (first == last) | (ok.sum(dim=1, keepdim=True) < 2)  # (N/G, 1)
     return same.expand_as(grouped).reshape(-1)
 
 

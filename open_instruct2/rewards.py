@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import RewardConfig
-from .verifiers import VERIFIERS
+from .rubrics import RUBRIC_VERIFIERS
+from .verifiers import VERIFIERS, final_answer
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +41,35 @@ class Scores:
     """(N,) raw verifier score in [0, 1] (1 = correct)."""
     verifier_errors: int
     """Samples whose verifier raised."""
+    valid: torch.Tensor | None = None
+    """(N,) bool, False for a sample with no reward this step (a rubric row the judge answered nothing for):
+    it is left out of its group's advantages and of the loss. None: all valid."""
+    metrics: dict[str, float] | None = None
+    """Extra metrics of the step's scoring (rubric/...)."""
 
 
 def format_score(text: str) -> float:
     return 1.0 if R1_FORMAT.match(text) else 0.0
 
 
-def verify(text: str, verifiers: list[str], ground_truths: list[str]) -> float:
-    """Score of one response in [0, 1].
+def verify(text: str, verifiers: list[str], ground_truths: list[str], rubric_score: float | None = None) -> float | None:
+    """Score of one response's final answer (verifiers.final_answer) in [0, 1] (a rubric score may be below 0).
 
     One verifier, one ground truth: its score. One verifier, several ground truths: the best of them
     (any listed answer is accepted). Several verifiers (each with its own ground truth): their MEAN, so the
-    reward stays within [0, verification_reward]; open-instruct sums them instead.
+    reward stays within [0, verification_reward]; open-instruct sums them instead. A rubric verifier's score
+    is the judge's (rubric_score); None when the judge answered nothing for this response.
     """
+    answer = final_answer(text)
+
+    def one(name: str, truth: str) -> float | None:
+        return rubric_score if name in RUBRIC_VERIFIERS else float(VERIFIERS[name](answer, truth))
+
     if len(verifiers) == 1:
-        return max(float(VERIFIERS[verifiers[0]](text, t)) for t in ground_truths)
-    return sum(float(VERIFIERS[v](text, t)) for v, t in zip(verifiers, ground_truths)) / len(verifiers)
+        values = [one(verifiers[0], t) for t in ground_truths]
+        return None if None in values else max(values)
+    values = [one(v, t) for v, t in zip(verifiers, ground_truths)]
+    return None if None in values else sum(values) / len(values)
 
 
 def compute_scores(
@@ -64,13 +78,18 @@ def compute_scores(
     verifiers: list[list[str]],
     ground_truths: list[list[str]],
     cfg: RewardConfig,
+    rubric_scores: list[float | None] | None = None,
 ) -> Scores:
     n = len(texts)
     verifier_scores, errors, first_error = torch.zeros(n), 0, None
+    valid = torch.ones(n, dtype=torch.bool)
     if cfg.apply_verifiable_reward:
         for i in range(n):
             try:
-                value = verify(texts[i], verifiers[i], ground_truths[i])
+                value = verify(texts[i], verifiers[i], ground_truths[i], None if rubric_scores is None else rubric_scores[i])
+                if value is None:  # a rubric row the judge answered nothing for: no reward this step
+                    valid[i] = False
+                    continue
                 if not math.isfinite(value):
                     raise ValueError(f"returned {value} (a score must be a finite number in [0, 1])")
                 verifier_scores[i] = value
@@ -95,4 +114,5 @@ def compute_scores(
         truncated = torch.tensor([r == "length" for r in finish_reasons])
         rewards = torch.where(truncated, torch.full_like(rewards, cfg.non_stop_penalty_value), rewards)
         breakdown["non_stop_penalized"] = truncated.float()
-    return Scores(rewards=rewards, breakdown=breakdown, verifier_scores=verifier_scores, verifier_errors=errors)
+    return Scores(rewards=rewards, breakdown=breakdown, verifier_scores=verifier_scores, verifier_errors=errors,
+                  valid=None if bool(valid.all()) else valid)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checkpoint, verifiers
-from .config import Config, Derived, chat_template_kwargs, check_run_dir_free, derive
+from .config import Config, Derived, chat_template_kwargs, check_run_dir_free, derive, judge_wanted
 from .data import Prompt, PromptSampler, build_prompts, next_batch, read_system_prompt, set_chat_template
 from .losses import compute_advantages, zero_std_groups
 from .policy import MasterWeights, load_policy, load_tokenizer, optimizer_groups, trainable_parameters
@@ -32,6 +32,8 @@ from .evaluation import eval_schedule, evaluate, load_eval_prompts, write_eval_r
 from .memory_profile import MemoryProfiler
 from .reference_vllm import ReferenceFailure
 from .rewards import Scores, compute_scores
+from .rubrics import RUBRIC_VERIFIERS, RubricScorer, append_records, judge_failed_entirely, make_judges, rubric_inputs, score_batch
+from .verifiers import final_answer
 from .rollout import Rollouts, generate_rollouts, ignored_generation_settings
 from .runtime import Runtime, apply_runtime, resolve_runtime, resolved_summary
 from .tracking import Tracker, dump_rollouts
@@ -67,6 +69,10 @@ class Run:
     """Per-prompt rubric lists (plain JSON), saved with the training state; None until rubrics are on."""
     nonfinite_streak: int = 0
     """Steps in a row whose update was skipped for a non-finite loss or gradient."""
+    rubrics: RubricScorer | None = None
+    """The LLM-judge rubric scorer, when a judge is configured."""
+    judge_streak: int = 0
+    """Steps in a row where every judge call failed."""
 
     def marking(self, step: int) -> MemoryProfiler | None:
         """The profiler, when this step gets memory markers."""
@@ -103,9 +109,9 @@ def train_step(run: Run, step: int) -> dict[str, float]:
             device=run.runtime.device,
         )
     with timer("reward"):
-        scores = score(rollouts, batch.prompts, cfg)
-    advantages = compute_advantages(scores.rewards, group, cfg.optim.advantage_normalization_type).to(run.runtime.device)
-    selected = select_rows(scores.rewards, rollouts.finish_reasons, group, cfg, with_kl=run.reference is not None)
+        scores = score(run, step, rollouts, batch.prompts)
+    advantages = compute_advantages(scores.rewards, group, cfg.optim.advantage_normalization_type, scores.valid).to(run.runtime.device)
+    selected = select_rows(scores.rewards, rollouts.finish_reasons, group, cfg, with_kl=run.reference is not None, valid=scores.valid)
     with timer("reference"):
         ref_logprobs = reference_logprobs(run.reference, rollouts, selected.computed)
     lr = run.scheduler.get_last_lr()[0]  # the rate this step's optimizer steps use
@@ -138,7 +144,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> str:
             except ReferenceFailure as e:
                 raise UserError(f"the reference failed at step {step} ({e}); {save_progress(run, step - 1)}") from None
             save_due(run, step)
-            check_nonfinite(run, step, metrics)
+            check_streaks(run, step, metrics)
             evaluate_if_due(run, step)
             if run.marking(step):
                 run.profiler.mark(f"step_{step}_end", "between steps")
@@ -170,15 +176,22 @@ def save_due(run: Run, step: int, force_state: bool = False) -> str | None:
     return folder if state_due else None
 
 
-def check_nonfinite(run: Run, step: int, metrics: dict[str, float]) -> None:
-    """max_nonfinite_updates steps in a row whose update was skipped for a non-finite loss or gradient: stop."""
+def check_streaks(run: Run, step: int, metrics: dict[str, float]) -> None:
+    """Stop (after saving) on max_nonfinite_updates steps in a row whose update was skipped for a non-finite
+    loss or gradient, or llm_judge_max_failed_steps steps in a row where every judge call failed."""
     run.nonfinite_streak = run.nonfinite_streak + 1 if metrics.get("train/nonfinite_updates", 0.0) > 0 else 0
-    limit = run.cfg.optim.max_nonfinite_updates
-    if run.nonfinite_streak >= limit:
-        saved = save_due(run, step, force_state=run.cfg.tracking.checkpoint_state_freq > 0) or checkpoint.newest_state(run.derived.run_dir)
-        where = f"; the last state is {saved}" if saved else ""
-        raise UserError(f"{limit} steps in a row (up to step {step}) had a non-finite loss or gradient and made no update{where}; "
-                        "lower --learning_rate, check the rewards (rollouts with --save_rollouts true), or raise --max_nonfinite_updates")
+    run.judge_streak = run.judge_streak + 1 if judge_failed_entirely(metrics) else 0
+    if run.nonfinite_streak >= run.cfg.optim.max_nonfinite_updates:
+        problem = (f"{run.nonfinite_streak} steps in a row (up to step {step}) had a non-finite loss or gradient and made no update",
+                   "lower --learning_rate, check the rewards (rollouts with --save_rollouts true), or raise --max_nonfinite_updates")
+    elif run.judge_streak >= run.cfg.rubric.llm_judge_max_failed_steps:
+        problem = (f"every LLM-judge call failed for {run.judge_streak} steps in a row (up to step {step})",
+                   "check the judge server and --llm_judge_base_url / --llm_judge_model (the warnings above name the first error)")
+    else:
+        return
+    saved = save_due(run, step, force_state=run.cfg.tracking.checkpoint_state_freq > 0) or checkpoint.newest_state(run.derived.run_dir)
+    where = f"; the last state is {saved}" if saved else ""
+    raise UserError(f"{problem[0]}{where}; {problem[1]}")
 
 
 def stop_message(run: Run, step: int, signum: int) -> str:
@@ -265,11 +278,21 @@ def save_progress(run: Run, last_step: int) -> str:
 # ---------------------------------------------------------------- phases
 
 
-def score(rollouts: Rollouts, prompts: list[Prompt], cfg: Config) -> Scores:
+def score(run: Run, step: int, rollouts: Rollouts, prompts: list[Prompt]) -> Scores:
+    """Verifiers, and for rubric rows the LLM judge (all of the step's calls at once; rubrics.py)."""
+    cfg = run.cfg
     samples = [prompts[i] for i in rollouts.prompt_index]
-    return compute_scores(
-        rollouts.response_texts, rollouts.finish_reasons, [p.verifiers for p in samples], [p.ground_truth for p in samples], cfg.reward
-    )
+    rubric = None
+    if run.rubrics is not None and any(set(p.verifiers) & set(RUBRIC_VERIFIERS) for p in prompts):
+        run.rubric_buffer = run.rubric_buffer if run.rubric_buffer is not None else {}
+        answers = [final_answer(t) for t in rollouts.response_texts]
+        rubric = score_batch(run.rubrics, step, prompts, answers, cfg.rollout.num_samples_per_prompt_rollout, run.rubric_buffer)
+        if cfg.rubric.save_adaptive_rubrics:
+            append_records(run.derived.run_dir, run.derived.run_name, rubric.records)
+    scores = compute_scores(rollouts.response_texts, rollouts.finish_reasons, [p.verifiers for p in samples],
+                            [p.ground_truth for p in samples], cfg.reward, None if rubric is None else rubric.scores)
+    scores.metrics = None if rubric is None else rubric.metrics
+    return scores
 
 
 def reference_logprobs(reference: Reference | None, rollouts: Rollouts, rows: list[int]) -> torch.Tensor | None:
@@ -295,16 +318,17 @@ def step_metrics(scores: Scores, rollouts: Rollouts, selected: LossRows, group: 
     n = len(rollouts.finish_reasons)
     lengths = rollouts.response_lengths.float()
     truncated = sum(r == "length" for r in rollouts.finish_reasons)
+    rewarded = scores.rewards if scores.valid is None else scores.rewards[scores.valid]  # samples with a reward this step
     metrics = {
-        "reward/mean": float(scores.rewards.mean()),
-        "reward/std": float(scores.rewards.std(unbiased=False)),
+        "reward/mean": float(rewarded.mean()) if len(rewarded) else 0.0,
+        "reward/std": float(rewarded.std(unbiased=False)) if len(rewarded) else 0.0,
         "reward/verifier_accuracy": float((scores.verifier_scores >= 1.0).float().mean()),
         "reward/verifier_errors": float(scores.verifier_errors),
         **{f"reward/{k}": float(v.float().mean()) for k, v in scores.breakdown.items()},
         "rollout/response_length_mean": float(lengths.mean()),
         "rollout/response_length_max": float(lengths.max()),
         "rollout/truncated_fraction": truncated / n,
-        "rollout/zero_std_group_fraction": float(zero_std_groups(scores.rewards, group).float().mean()),
+        "rollout/zero_std_group_fraction": float(zero_std_groups(scores.rewards, group, scores.valid).float().mean()),
         "rollout/loss_samples": float(len(selected.rows)),
         "rollout/computed_samples": float(len(selected.computed)),
         "rollout/tokens_per_second": float(lengths.sum()) / max(seconds.get("rollout", 0.0), 1e-9),
@@ -312,6 +336,7 @@ def step_metrics(scores: Scores, rollouts: Rollouts, selected: LossRows, group: 
         "train/lr": lr,
         **{f"time/{k}": v for k, v in seconds.items()},
         "time/step": sum(seconds.values()),
+        **(scores.metrics or {}),
     }
     if filtering:
         metrics["rollout/filtered_group_fraction"] = metrics["rollout/zero_std_group_fraction"]
@@ -362,8 +387,18 @@ def prepare_verifiers(prompts: list[Prompt], cfg: Config) -> None:
     remap = verifiers.parse_remap(cfg.reward.remap_verifier)
     for p in prompts:
         p.verifiers = verifiers.resolve_names(p.verifiers, remap)
-    verifiers.check_known({v for p in prompts for v in p.verifiers})
+    verifiers.check_known({v for p in prompts for v in p.verifiers} - set(RUBRIC_VERIFIERS))
     verifiers.check_ground_truths([(f"{p.source} row {p.row}", p.verifiers, p.ground_truth) for p in prompts])
+    rubric_rows = [p for p in prompts if set(p.verifiers) & set(RUBRIC_VERIFIERS)]
+    if rubric_rows and not judge_wanted(cfg.rubric):
+        p = rubric_rows[0]
+        raise UserError(f"{p.source} row {p.row} (and {len(rubric_rows) - 1} more) is a rubric row ({'/'.join(RUBRIC_VERIFIERS)}), "
+                        "which an LLM judge scores: set --llm_judge_model (and --llm_judge_base_url)")
+    for p in rubric_rows:
+        try:
+            rubric_inputs(p)
+        except ValueError as e:
+            raise UserError(f"{p.source} row {p.row}: {e}; fix the row's ground_truth") from None
     if {"math", "strict_math"} & {v for p in prompts for v in p.verifiers}:
         verifiers.VERIFIERS["math"]("\\boxed{1}", "1")  # pay math-verify's import and parser set-up now, not in step 1
 
@@ -431,6 +466,10 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
     run = Run(cfg, derived, runtime, tokenizer, prompts, PromptSampler(len(prompts), cfg.experiment.seed), policy, reference,
               master, optimizer, scheduler, tracker, eval_prompts, eval_schedule(derived.num_training_steps, cfg.tracking.num_evals)
               if eval_prompts else set(), profiler)
+    if judge_wanted(cfg.rubric):
+        run.rubrics = RubricScorer(cfg.rubric, *make_judges(cfg.rubric))
+        log.info("rubrics: judge %s at %s (key from $%s)", cfg.rubric.llm_judge_model, run.rubrics.judge.settings.base_url,
+                 cfg.rubric.llm_judge_api_key_env)
     if resume_from:
         run.start_step = state.restore(run, resume_from)
         log.info("resume: continuing %s from step %d (state %s)", derived.run_dir, run.start_step, resume_from)

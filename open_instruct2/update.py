@@ -43,13 +43,17 @@ class LossRows:
     """The subset that gets a forward/backward pass (zero-std groups are left out when they carry no KL term)."""
 
 
-def select_rows(rewards: torch.Tensor, finish_reasons: list[str], group: int, cfg: Config, with_kl: bool) -> LossRows:
+def select_rows(rewards: torch.Tensor, finish_reasons: list[str], group: int, cfg: Config, with_kl: bool,
+                valid: torch.Tensor | None = None) -> LossRows:
+    """valid: (N,) False for samples with no reward this step (left out like masked truncations)."""
     keep = torch.ones(len(finish_reasons), dtype=torch.bool)
     if cfg.optim.mask_truncated_completions:
         keep &= torch.tensor([r != "length" for r in finish_reasons])
+    if valid is not None:
+        keep &= valid
     compute = keep.clone()
     if cfg.optim.filter_zero_std_groups and not with_kl:
-        compute &= ~zero_std_groups(rewards, group)
+        compute &= ~zero_std_groups(rewards, group, valid)
     return LossRows(rows=keep.nonzero().flatten().tolist(), computed=compute.nonzero().flatten().tolist())
 
 

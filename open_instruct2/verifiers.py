@@ -38,6 +38,19 @@ def describe() -> str:
     return "\n".join(f"{name}: {VERIFIER_DOCS[name]}" for name in sorted(VERIFIERS))
 
 
+def final_answer(text: str) -> str:
+    """The one answer extraction every verifier and the rubric judge see: everything up to the last
+    `</think>` is dropped (the reasoning is not the answer), and the last `<answer>...</answer>` block is
+    taken when there is one (an unclosed last `<answer>` runs to the end)."""
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    start = text.rfind("<answer>")
+    if start >= 0:
+        body = text[start + len("<answer>") :]
+        text = body.split("</answer>", 1)[0]
+    return text.strip()
+
+
 # ---------------------------------------------------------------- numbers (gsm8k)
 
 _NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -79,13 +92,18 @@ def verify_gsm8k(response: str, ground_truth: str) -> float:
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} or \\fbox{...}, nested braces respected."""
+    """Content of the last \\boxed{...} or \\fbox{...}, nested braces respected; `\\boxed 7` (LaTeX's
+    brace-less form) gives its one token. A brace counts only right after the command, never a later one."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
-    i = text.find("{", start)
-    if i < 0:
-        return None
+    rest = text[start:]
+    command = "\\boxed" if rest.startswith("\\boxed") else "\\fbox"
+    after = rest[len(command) :]
+    if not after.lstrip().startswith("{"):
+        token = re.match(r"\s+([^\s$]+)", after)
+        return token.group(1).rstrip(".") if token else None
+    i = start + len(command) + (len(after) - len(after.lstrip()))
     depth = 0
     for j in range(i, len(text)):
         if text[j] == "{":

@@ -63,6 +63,13 @@ def cases(tmp_path, tiny_model_dir):
         "unknown verifier": (["--dataset_mixer_list", rows_file(tmp_path, "unk.jsonl", [{**GOOD_ROW, "dataset": "no_such"}]), "1.0"],
                              "unknown verifier"),
         "every prompt too long": (["--max_prompt_token_length", "5"], "no prompts left"),
+        "rubric rows without a judge": (["--dataset_mixer_list", rows_file(tmp_path, "rub.jsonl", [{**GOOD_ROW, "dataset": "general_rubric",
+                                         "ground_truth": json.dumps({"query": "q", "rubrics": [{"description": "d"}]})}]), "1.0"], "set --llm_judge_model"),
+        "malformed rubric": (["--dataset_mixer_list", rows_file(tmp_path, "badrub.jsonl", [{**GOOD_ROW, "dataset": "general_rubric",
+                              "ground_truth": json.dumps({"query": "q", "rubrics": []})}]), "1.0", "--llm_judge_model", "m",
+                              "--llm_judge_base_url", "http://127.0.0.1:9/v1"], "badrub.jsonl row 1"),
+        "judge without its key": (["--llm_judge_model", "m", "--llm_judge_base_url", "https://judge.example.com/v1",
+                                   "--llm_judge_api_key_env", "OI2_NO_SUCH_KEY"], "$OI2_NO_SUCH_KEY"),
         "missing eval file": (["--dataset_mixer_eval_list", str(tmp_path / "gone.jsonl"), "1.0"], "not found"),
         # paths
         "model folder missing": (["--model_name_or_path", str(tmp_path / "no_model")], "no_model"),

@@ -145,8 +145,11 @@ BAD_INPUT = [
     (["--chat_template_kwargs", "[1]"], "JSON object"),
     (["--inference_batch_size", "0"], "inference_batch_size"),
     (["--attn_implementation", "flash_attention_2"], "flash_attention_2"),
-    (["--use_general_rubric", "true"], "not available yet"),
-    (["--enable_memory_profile", "true"], "not available yet"),
+    (["--use_general_rubric", "true"], "needs a judge: set --llm_judge_model"),
+    (["--memory_profile_interval_s", "0"], "--memory_profile_interval_s must be > 0"),
+    (["--llm_judge_model", "gpt-4.1-mini", "--llm_judge_base_url", "https://api.example.com/v1", "--llm_judge_api_key_env", "NO_SUCH_KEY_VAR"],
+     "$NO_SUCH_KEY_VAR"),
+    (["--llm_judge_model", "m", "--llm_judge_base_url", "ftp://judge"], "http://"),
 ]
 
 

@@ -165,3 +165,16 @@ def test_zero_std_groups_get_exactly_zero_advantage():
     for mode in ("standard", "centered"):
         adv = L.compute_advantages(rewards, 8, mode)
         assert adv[:16].tolist() == [0.0] * 16 and adv[16:].abs().sum() > 0
+
+
+def test_invalid_samples_leave_their_group_statistics():
+    # group 1: [1, 0, (invalid 100), 1] -> valid mean 2/3, std sqrt(2/9); the invalid sample's advantage is 0
+    rewards = torch.tensor([1.0, 0.0, 100.0, 1.0, 3.0, 3.0, 5.0, 0.0])
+    valid = torch.tensor([True, True, False, True, True, True, False, False])
+    adv = L.compute_advantages(rewards, 4, "standard", valid)
+    std = (2 / 9) ** 0.5
+    assert torch.allclose(adv[:4], torch.tensor([(1 - 2 / 3) / std, (0 - 2 / 3) / std, 0.0, (1 - 2 / 3) / std]), atol=1e-5)
+    # group 2: its two valid rewards are equal (3, 3): no signal, however different the invalid ones are
+    assert adv[4:].tolist() == [0.0] * 4
+    assert L.zero_std_groups(rewards, 4, valid).tolist() == [False] * 4 + [True] * 4
+    assert L.zero_std_groups(torch.tensor([1.0, 2.0]), 2, torch.tensor([True, False])).tolist() == [True, True]  # one valid: no group

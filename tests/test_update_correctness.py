@@ -193,7 +193,7 @@ def test_the_kl_term_stays_on_filtered_groups(built):
 
 def test_filtered_group_fraction_is_logged_only_when_filtering(built):
     run, rollouts = built()
-    scores = trainer.score(rollouts, trainer.next_batch(run.prompts, run.sampler, 2).prompts, run.cfg)
+    scores = trainer.score(run, 1, rollouts, trainer.next_batch(run.prompts, run.sampler, 2).prompts)
     sel = LossRows(list(range(6)), [])
     on = trainer.step_metrics(scores, rollouts, sel, 3, {}, {"rollout": 1.0}, 1e-3, filtering=True)
     off = trainer.step_metrics(scores, rollouts, sel, 3, {}, {"rollout": 1.0}, 1e-3, filtering=False)

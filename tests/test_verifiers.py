@@ -150,3 +150,43 @@ def test_unknown_names_remap_and_user_module(tmp_path):
     empty.write_text("x = 1\n")
     with pytest.raises(UserError, match="registered no verifier"):
         V.load_verifier_module(str(empty))
+
+
+# ---------------------------------------------------------------- one answer extraction (rewards.verify) and the defects it fixed
+
+
+@pytest.mark.parametrize("name,response,truth,expected", [
+    # tags around the answer are not part of it (string verifiers could never pay with the R1 format on)
+    ("string_matching", "<answer>Paris</answer>", "Paris", 1.0),
+    ("string_matching", "<think>France's capital... maybe Lyon?</think>Paris", "Paris", 1.0),
+    ("string_f1", "<think>x</think><answer>the Eiffel tower</answer>", "Eiffel tower", 1.0),
+    ("string_matching", "<think>it is Paris</think> Lyon", "Paris", 0.0),  # the thinking is not the answer
+    ("gsm8k", "<think>7 + 5 = 13? no</think><answer>#### 12</answer>", "12", 1.0),
+    ("gsm8k", "<think>the answer is 12</think>#### 13", "12", 0.0),
+    # math: the brace-less LaTeX form, and a brace-less last \boxed never borrows a later {...}
+    ("math", "so the result is \\boxed 7.", "7", 1.0),
+    ("math", "\\boxed{5} first, then \\boxed x where {5} appears", "5", 0.0),
+    ("math", "<answer>\\boxed{\\frac{1}{2}}</answer>", "0.5", 1.0),
+    # ifeval: IFEval strips the quotes before the end check
+    ("ifeval", '"I am done. Is there anything else I can help with?"',
+     json.dumps({"instruction_id": ["startend:end_checker"], "kwargs": [{"end_phrase": "Is there anything else I can help with?"}]}), 1.0),
+    # a title needs text between << and >>, on one span
+    ("ifeval", "<<>> and then >> words", json.dumps({"instruction_id": ["detectable_format:title"], "kwargs": [{}]}), 0.0),
+    ("ifeval", "<<A Title>>\nbody", json.dumps({"instruction_id": ["detectable_format:title"], "kwargs": [{}]}), 1.0),
+    # a forbidden word that starts with a symbol is still found
+    ("ifeval", "It costs $5 today.", json.dumps({"instruction_id": ["keywords:forbidden_words"], "kwargs": [{"forbidden_words": ["$5"]}]}), 0.0),
+    ("ifeval", "It costs $50 today.", json.dumps({"instruction_id": ["keywords:forbidden_words"], "kwargs": [{"forbidden_words": ["$5"]}]}), 1.0),
+])
+def test_shared_answer_extraction_and_fixed_defects(name, response, truth, expected):
+    from open_instruct2.rewards import verify
+
+    assert verify(response, [name], [truth]) == pytest.approx(expected)
+
+
+def test_final_answer():
+    from open_instruct2.verifiers import final_answer
+
+    assert final_answer("<think>a</think><think>b</think> c") == "c"  # after the LAST </think>
+    assert final_answer("x <answer>1</answer> y <answer>2</answer> z") == "2"  # the last block
+    assert final_answer("<answer>unfinished") == "unfinished"
+    assert final_answer("  plain text ") == "plain text"

