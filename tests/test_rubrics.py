@@ -247,3 +247,28 @@ def test_a_step_of_rubric_scoring_with_failures_and_adaptive_items():
     assert record["scores"]["Shows the steps"] == {"mean": 1.0, "std": 0.0, "answered": 1}
     # only one response answered: no item told two responses apart, so the new active items are retired at once
     assert buffer["p0"]["active"] == [] and len(buffer["p0"]["inactive"]) == 2 and len(buffer["p0"]["persistent"]) == 1
+
+
+def test_a_judge_that_never_answers_stops_the_run_after_k_steps_with_one_line(tmp_path, tiny_model_dir):
+    """Every call fails (nothing listens on the port): each step counts its failures and trains on nothing
+    from the rubric (no fake scores), and after --llm_judge_max_failed_steps such steps the run stops."""
+    import socket
+
+    from conftest import REPO, run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    proc = run_cli("--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", REPO / "examples" / "rubric_questions.jsonl", "1.0",
+                   "--reference_mode", "none", "--beta", "0", "--num_unique_prompts_rollout", "2", "--num_samples_per_prompt_rollout", "2",
+                   "--response_length", "8", "--num_training_steps", "5", "--output_dir", tmp_path / "out", "--run_name", "r",
+                   "--llm_judge_base_url", f"http://127.0.0.1:{dead}/v1", "--llm_judge_model", "m", "--llm_judge_max_retries", "0",
+                   "--llm_judge_max_failed_steps", "2", "--checkpoint_state_freq", "1")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "every LLM-judge call failed for 2 steps in a row (up to step 2)" in lines[0] and "step_2" in lines[0]
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "r" / "metrics.jsonl").read_text().splitlines()]
+    # 2 prompts x 2 responses x their 2-3 items, every one failed
+    assert [m["rubric/judge_failures"] for m in metrics] == [m["rubric/judge_calls"] for m in metrics] and metrics[0]["rubric/judge_calls"] >= 8
+    assert all(m["rubric/unscored_responses"] == 4 and m["train/optimizer_steps"] == 0 for m in metrics)
+    assert "cannot connect" in proc.stdout  # the first error, in the step's warning
