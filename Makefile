@@ -54,6 +54,7 @@ test: setup
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
+	$(VPY) benchmarks/bench_trl.py
 	$(VPY) benchmarks/bench_dtype.py
 	$(VPY) benchmarks/bench_verifiers.py
 	$(VPY) benchmarks/bench_reference.py
