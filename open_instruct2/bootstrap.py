@@ -137,6 +137,12 @@ _WORD_TEMPLATES = {
         "A shelf holds {a} {item}. {b} are taken away. How many {item} are left on the shelf?",
     ],
 }
+# The `test_rephrased` split: the test split's problems, worded in ways the training split never uses.
+_REPHRASED_BARE = {"+": "Compute {a} plus {b}.", "-": "Calculate {a} minus {b}.", "*": "What do you get when you multiply {a} by {b}?"}
+_REPHRASED_WORD = {
+    "+": "{name} collects {a} {item} and then finds {b} more. What is the total number of {item}?",
+    "-": "{name} starts the day with {a} {item} and loses {b} of them. How many {item} remain?",
+}
 _NAMES = ["Sam", "Mia", "Leo", "Ava", "Noah", "Zoe"]
 _ITEMS = ["apples", "pencils", "marbles", "books", "stickers", "coins"]
 
@@ -163,12 +169,15 @@ def _arithmetic_space() -> dict[str, list[tuple]]:
 _ARITHMETIC_QUOTA = {"add1": 81, "mul1": 64, "add2": 1500, "sub2": 1500, "word": 1500}
 
 
-def _arithmetic_row(key: tuple) -> dict:
+def _arithmetic_row(key: tuple, rephrased: bool = False) -> dict:
     kind, t, a, b, op = key
     answer = {"+": a + b, "-": a - b, "*": a * b}[op]
     if kind == "word":
         rng = random.Random(f"{key}")  # the name and item are a deterministic function of the problem
-        question = _WORD_TEMPLATES[op][t].format(name=rng.choice(_NAMES), item=rng.choice(_ITEMS), a=a, b=b)
+        template = _REPHRASED_WORD[op] if rephrased else _WORD_TEMPLATES[op][t]
+        question = template.format(name=rng.choice(_NAMES), item=rng.choice(_ITEMS), a=a, b=b)
+    elif rephrased:
+        question = _REPHRASED_BARE[op].format(a=a, b=b)
     else:
         question = f"What is {a} {'x' if op == '*' else op} {b}?"
     return {
@@ -187,23 +196,24 @@ def arithmetic_rows(split: str) -> list[dict]:
     """Deterministic arithmetic problems (one- and two-digit sums, differences, products, word problems).
 
     A problem belongs to `test` when a hash of it falls in the test share, so the splits are disjoint and
-    stable. Kinds are interleaved so that any prefix mixes difficulties.
+    stable. Kinds are interleaved so that any prefix mixes difficulties. `test_rephrased` holds the test
+    problems worded with templates the training split never uses (held out in numbers and in phrasing).
     """
-    if split not in ("train", "test"):
-        raise UserError(f"builtin:arithmetic has splits train and test, not {split!r}; fix --dataset_mixer_list_splits")
+    if split not in ("train", "test", "test_rephrased"):
+        raise UserError(f"builtin:arithmetic has splits train, test and test_rephrased, not {split!r}; fix --dataset_mixer_list_splits")
     rng = random.Random(ARITHMETIC_SEED)
     per_kind = []
     for kind, keys in _arithmetic_space().items():
         keys = list(keys)
         rng.shuffle(keys)
-        chosen = [k for k in keys[: _ARITHMETIC_QUOTA[kind]] if _is_test(k) == (split == "test")]
+        chosen = [k for k in keys[: _ARITHMETIC_QUOTA[kind]] if _is_test(k) == (split != "train")]
         per_kind.append(chosen)
     # Interleave kinds proportionally: sort by position within the kind's list, scaled to [0, 1).
     ordered = sorted(
         ((i / len(keys), j, key) for j, keys in enumerate(per_kind) for i, key in enumerate(keys)),
         key=lambda item: (item[0], item[1]),
     )
-    return [_arithmetic_row(key) for _, _, key in ordered]
+    return [_arithmetic_row(key, rephrased=split == "test_rephrased") for _, _, key in ordered]
 
 
 BUILTIN_DATASETS = {"arithmetic": arithmetic_rows}

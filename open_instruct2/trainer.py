@@ -15,7 +15,7 @@ import os
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -73,6 +73,8 @@ class Run:
     """The LLM-judge rubric scorer, when a judge is configured."""
     judge_streak: int = 0
     """Steps in a row where every judge call failed."""
+    evals: list = field(default_factory=list)
+    """(step, eval/ metrics) of this process's evaluations, for the before/after table at the end."""
 
     def marking(self, step: int) -> MemoryProfiler | None:
         """The profiler, when this step gets memory markers."""
@@ -152,6 +154,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> str:
                 raise Stopped(stop.signum, stop_message(run, step, stop.signum))
         stop.armed = False
         checkpoint.save_final(run.policy, run.tokenizer, run.derived.run_dir, cfg.lora.train_mode == "lora", cfg.lora.save_merged_model)
+        print_eval_table(run.evals)
     finally:
         stop.armed = False
         if run is not None:
@@ -226,7 +229,19 @@ def evaluate_if_due(run: Run, step: int) -> None:
     metrics, records = evaluate(run.policy, run.tokenizer, run.eval_prompts, cfg, run.runtime.device, batch_size)
     metrics["eval/seconds"] = time.perf_counter() - start
     run.tracker.log_eval(step, metrics)
+    run.evals.append((step, metrics))
     write_eval_records(run.derived.run_dir, step, records)
+
+
+def print_eval_table(evals: list) -> None:
+    """The first and the last evaluation side by side (before and after training, on a full run)."""
+    if len(evals) < 2:
+        return
+    (first_step, first), (last_step, last) = evals[0], evals[-1]
+    names = [k for k in first if k in last and k not in ("eval/seconds", "eval/prompts")]
+    rows = [f"| {k[len('eval/'):]} | {first[k]:.3f} | {last[k]:.3f} | {last[k] - first[k]:+.3f} |" for k in names]
+    print("\n".join([f"\nevaluation on {int(last['eval/prompts'])} held-out prompts (greedy):",
+                     f"| metric | step {first_step} | step {last_step} | change |", "|---|---|---|---|", *rows]), flush=True)
 
 
 def plot_run(run_dir: str) -> None:

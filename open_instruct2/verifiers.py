@@ -88,6 +88,29 @@ def verify_gsm8k(response: str, ground_truth: str) -> float:
     return float(value is not None and numbers_equal(value, truth))
 
 
+@register("gsm8k_strict", "Only the number right after the last '####' counts (no fallback to the last number): the answer in the place the prompt asks for.")
+def verify_gsm8k_strict(response: str, ground_truth: str) -> float:
+    truth = normalize_number(ground_truth.split("####")[-1])
+    if truth is None:
+        raise ValueError(f"gsm8k ground truth {ground_truth!r} is not a number")
+    if "####" not in response:
+        return 0.0
+    after = response.rsplit("####", 1)[1].lstrip()
+    found = _NUMBER.match(after)
+    value = normalize_number(found.group(0)) if found else None
+    return float(value is not None and numbers_equal(value, truth))
+
+
+@register("gsm8k_shaped", "1 for the right number right after the last '####' (gsm8k_strict); 0.5 when only the last number of the text is right (the answer without the asked-for format); else 0.")
+def verify_gsm8k_shaped(response: str, ground_truth: str) -> float:
+    if verify_gsm8k_strict(response, ground_truth):
+        return 1.0
+    found = numbers_in(response)
+    value = normalize_number(found[-1]) if found else None
+    truth = normalize_number(ground_truth.split("####")[-1])
+    return 0.5 if value is not None and numbers_equal(value, truth) else 0.0
+
+
 # ---------------------------------------------------------------- math
 
 

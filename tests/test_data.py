@@ -137,3 +137,15 @@ def test_sampler_is_seeded_covers_each_epoch_and_resumes():
     assert resumed.next_indices(9) == expected
     with pytest.raises(DataError, match="different dataset"):
         data.PromptSampler(11, seed=3).load_state_dict(state)
+
+
+def test_builtin_rephrased_split_holds_the_test_problems_in_new_words():
+    from open_instruct2.bootstrap import arithmetic_rows
+
+    test, rephrased, train = arithmetic_rows("test"), arithmetic_rows("test_rephrased"), arithmetic_rows("train")
+    assert len(test) == len(rephrased) and [r["ground_truth"] for r in test] == [r["ground_truth"] for r in rephrased]
+    train_questions = {r["messages"][0]["content"] for r in train}
+    starts = {r["messages"][0]["content"].split()[0] for r in train}
+    assert all(r["messages"][0]["content"] not in train_questions for r in rephrased)
+    assert {"Compute", "Calculate"} <= {r["messages"][0]["content"].split()[0] for r in rephrased} and not {"Compute", "Calculate"} & starts
+    assert all(r["messages"][0]["content"].endswith("Put the final answer after ####.") for r in rephrased)
