@@ -14,11 +14,16 @@ TORCH_PIP_ARGS ?=
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 UNAME_S := $(shell uname -s)
 PYTEST_ARGS ?=
-# `make run`: a short real GRPO run on the embedded defaults (builtin SmolLM2-135M-Instruct + builtin
-# arithmetic), LoRA with the in-process reference (the adapters switched off), a few minutes on a CPU.
-RUN_ARGS ?= --train_mode lora --learning_rate 1e-4 --reference_mode in_process \
-	--num_training_steps 8 --num_unique_prompts_rollout 4 --num_samples_per_prompt_rollout 4 \
-	--response_length 96 --gradient_checkpointing false --run_name make_run_$(shell date +%Y%m%d_%H%M%S)
+# `make run` is the demo: GRPO on the builtin SmolLM2-135M-Instruct and builtin arithmetic, LoRA, no reference
+# (beta 0), the shaped reward (1 for the right number after ####, 0.5 for a right last number without it),
+# greedy strict accuracy on held-out problems in new wording (test_rephrased) before and after, a table at the
+# end, curves.png, and the model in output_open_instruct2/demo (an older demo folder is moved aside, never deleted).
+DEMO_DIR := output_open_instruct2/demo
+RUN_ARGS ?= --train_mode lora --learning_rate 2e-4 --reference_mode none --beta 0 \
+	--num_training_steps 40 --num_unique_prompts_rollout 4 --num_samples_per_prompt_rollout 8 --response_length 64 \
+	--gradient_checkpointing false --remap_verifier gsm8k=gsm8k_shaped \
+	--dataset_mixer_eval_list builtin:arithmetic 200 --dataset_mixer_eval_list_splits test_rephrased --num_evals 4 \
+	--output_dir output_open_instruct2 --run_name demo
 
 .PHONY: setup run test bench clean-venv
 
@@ -47,6 +52,7 @@ endif
 	touch $(STAMP)
 
 run: setup
+	@if [ -d $(DEMO_DIR) ]; then old=$(DEMO_DIR).$$(date +%Y%m%d_%H%M%S); mv $(DEMO_DIR) $$old; echo "[run] moved the previous demo to $$old"; fi
 	@echo "[run] GRPO on the builtin model and data: $(RUN_ARGS)"
 	$(VPY) -m open_instruct2.train_grpo $(RUN_ARGS)
 

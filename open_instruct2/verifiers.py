@@ -107,8 +107,7 @@ def verify_gsm8k_shaped(response: str, ground_truth: str) -> float:
         return 1.0
     found = numbers_in(response)
     value = normalize_number(found[-1]) if found else None
-    truth = normalize_number(ground_truth.split("####")[-1])
-    return 0.5 if value is not None and numbers_equal(value, truth) else 0.0
+    return 0.5 if value is not None and numbers_equal(value, normalize_number(ground_truth.split("####")[-1])) else 0.0
 
 
 # ---------------------------------------------------------------- math

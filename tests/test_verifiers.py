@@ -195,7 +195,7 @@ def test_final_answer():
 def test_gsm8k_strict_and_shaped():
     strict, shaped = V.VERIFIERS["gsm8k_strict"], V.VERIFIERS["gsm8k_shaped"]
     assert strict("7 + 5 = 12\n#### 12", "12") == 1.0 and shaped("7 + 5 = 12\n#### 12", "12") == 1.0
-    assert strict("7 + 5 = 12", "12") == 0.0 and shaped("7 + 5 = 12", "12") == 0.5  # right number, not where asked
-    assert strict("#### 13 (no, 12)", "12") == 0.0 and shaped("#### 13 (no, 12)", "12") == 0.5
+    assert strict("7 + 5 = 12", "12") == 0.0 and shaped("7 + 5 = 12", "12") == 0.5  # right number, not where asked: half
+    assert strict("#### 13 (no, 12)", "12") == 0.0 and shaped("#### 13 (no, 12)", "12") == 0.5  # the last number is right
     assert strict("#### 1,234.", "1234") == 1.0
-    assert shaped("#### 11", "12") == 0.0 and shaped("no number", "12") == 0.0
+    assert shaped("#### 11", "12") == 0.0 and shaped("no number", "12") == 0.0  # no credit for the format alone
