@@ -113,11 +113,11 @@ def trl_child(s: dict, model_dir: str, out: str) -> None:
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     data = Dataset.from_list([{"prompt": r["messages"]} for r in arithmetic_rows("train")[:256]])
-    steps, gen = [], []
+    steps = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.t, self.gen_before = time.perf_counter(), sum(gen)
+            self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             steps.append(time.perf_counter() - self.t)
@@ -125,28 +125,24 @@ def trl_child(s: dict, model_dir: str, out: str) -> None:
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), reward_funcs=[lambda completions, **k: [
         float(len(str(c)) % 2 == 0) for c in completions]], args=GRPOConfig(**trl_config(s, out)), train_dataset=data,
         processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Timer()])
-    original = trainer._generate
-
-    def timed_generate(*a, **k):
-        start = time.perf_counter()
-        result = original(*a, **k)
-        gen.append(time.perf_counter() - start)
-        return result
-
-    trainer._generate = timed_generate
-    scored = []
-    original_score = trainer._generate_and_score_completions
-
-    def timed_score(*a, **k):
-        start = time.perf_counter()
-        result = original_score(*a, **k)
-        scored.append(time.perf_counter() - start)
-        return result
-
-    trainer._generate_and_score_completions = timed_score
+    gen, scored = wrap_timed(trainer, "_generate"), wrap_timed(trainer, "_generate_and_score_completions")
     trainer.train()
     lengths = [r["completions/mean_length"] for r in trainer.state.log_history if "completions/mean_length" in r]
     print("TRL_RESULT " + json.dumps({"steps": steps, "generate": gen, "generate_and_score": scored, "lengths": lengths}), flush=True)
+
+
+def wrap_timed(obj, name: str) -> list[float]:
+    """Replace obj.<name> by a timed version; returns the list its durations are appended to."""
+    original, times = getattr(obj, name), []
+
+    def timed(*a, **k):
+        start = time.perf_counter()
+        result = original(*a, **k)
+        times.append(time.perf_counter() - start)
+        return result
+
+    setattr(obj, name, timed)
+    return times
 
 
 def run_trl(s: dict, model_dir: str, out: str) -> dict:

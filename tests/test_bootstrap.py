@@ -82,7 +82,7 @@ def test_arithmetic_is_deterministic_and_splits_are_disjoint():
     # Any prefix mixes difficulties (kinds are interleaved).
     first = [r["messages"][0]["content"] for r in train[:40]]
     assert any("x" in t.split("?")[0] for t in first) and any(t.startswith("What is") is False for t in first)
-    with pytest.raises(UserError, match="splits train and test"):
+    with pytest.raises(UserError, match="splits train, test and test_rephrased"):
         bootstrap.arithmetic_rows("validation")
 
 
