@@ -22,7 +22,7 @@ import torch
 from . import checkpoint, verifiers
 from .config import Config, Derived, chat_template_kwargs, check_run_dir_free, derive, judge_wanted
 from .data import Prompt, PromptSampler, build_prompts, next_batch, read_system_prompt, set_chat_template
-from .losses import compute_advantages, zero_std_groups
+from .losses import compute_advantages
 from .policy import MasterWeights, load_policy, load_tokenizer, optimizer_groups, trainable_parameters
 from .reference import Reference, make_reference
 from . import state
@@ -37,6 +37,7 @@ from .verifiers import final_answer
 from .rollout import Rollouts, generate_rollouts, ignored_generation_settings
 from .runtime import Runtime, apply_runtime, resolve_runtime, resolved_summary
 from .tracking import Tracker, dump_rollouts
+from .metrics import print_eval_table, sample_rows, step_metrics, update_note, warn_truncation
 from .update import LossRows, on_rows, select_rows, update_policy
 
 log = logging.getLogger(__name__)
@@ -233,17 +234,6 @@ def evaluate_if_due(run: Run, step: int) -> None:
     write_eval_records(run.derived.run_dir, step, records)
 
 
-def print_eval_table(evals: list) -> None:
-    """The first and the last evaluation side by side (before and after training, on a full run)."""
-    if len(evals) < 2:
-        return
-    (first_step, first), (last_step, last) = evals[0], evals[-1]
-    names = [k for k in first if k in last and k not in ("eval/seconds", "eval/prompts")]
-    rows = [f"| {k[len('eval/'):]} | {first[k]:.3f} | {last[k]:.3f} | {last[k] - first[k]:+.3f} |" for k in names]
-    print("\n".join([f"\nevaluation on {int(last['eval/prompts'])} held-out prompts (greedy):",
-                     f"| metric | step {first_step} | step {last_step} | change |", "|---|---|---|---|", *rows]), flush=True)
-
-
 def plot_run(run_dir: str) -> None:
     """The curves as a PNG at the end of a run (matplotlib is optional: without it, say how to get it)."""
     from .plot import PlotUnavailable, plot_metrics
@@ -264,17 +254,6 @@ def record_step(run: Run, step: int, prompts: list[Prompt], rollouts: Rollouts, 
         run.tracker.log_samples(step, sample_rows(rollouts, prompts, scores))
     if cfg.tracking.save_rollouts:
         dump_rollouts(run.derived.run_dir, step, prompts, rollouts, scores, advantages, selected, cfg.rollout.num_samples_per_prompt_rollout)
-
-
-def update_note(metrics: dict[str, float], selected: LossRows) -> str | None:
-    """Why a step made no policy-gradient update, for the console line (None when it made one)."""
-    if not selected.rows:
-        return "no update: every response was truncated and --mask_truncated_completions is on"
-    if metrics.get("train/optimizer_steps", 0.0) == 0.0:
-        return "no update: every group had equal rewards (no signal)"
-    if metrics["rollout/zero_std_group_fraction"] == 1.0:
-        return "KL term only: every group had equal rewards"
-    return None
 
 
 def save_progress(run: Run, last_step: int) -> str:
@@ -323,59 +302,6 @@ def advance_schedule(scheduler) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
         scheduler.step()
-
-
-# ---------------------------------------------------------------- metrics
-
-
-def step_metrics(scores: Scores, rollouts: Rollouts, selected: LossRows, group: int, update: dict, seconds: dict, lr: float,
-                 filtering: bool) -> dict[str, float]:
-    n = len(rollouts.finish_reasons)
-    lengths = rollouts.response_lengths.float()
-    truncated = sum(r == "length" for r in rollouts.finish_reasons)
-    rewarded = scores.rewards if scores.valid is None else scores.rewards[scores.valid]  # samples with a reward this step
-    metrics = {
-        "reward/mean": float(rewarded.mean()) if len(rewarded) else 0.0,
-        "reward/std": float(rewarded.std(unbiased=False)) if len(rewarded) else 0.0,
-        "reward/verifier_accuracy": float((scores.verifier_scores >= 1.0).float().mean()),
-        "reward/verifier_errors": float(scores.verifier_errors),
-        **{f"reward/{k}": float(v.float().mean()) for k, v in scores.breakdown.items()},
-        "rollout/response_length_mean": float(lengths.mean()),
-        "rollout/response_length_max": float(lengths.max()),
-        "rollout/truncated_fraction": truncated / n,
-        "rollout/zero_std_group_fraction": float(zero_std_groups(scores.rewards, group, scores.valid).float().mean()),
-        "rollout/loss_samples": float(len(selected.rows)),
-        "rollout/computed_samples": float(len(selected.computed)),
-        "rollout/tokens_per_second": float(lengths.sum()) / max(seconds.get("rollout", 0.0), 1e-9),
-        **update,
-        "train/lr": lr,
-        **{f"time/{k}": v for k, v in seconds.items()},
-        "time/step": sum(seconds.values()),
-        **(scores.metrics or {}),
-    }
-    if filtering:
-        metrics["rollout/filtered_group_fraction"] = metrics["rollout/zero_std_group_fraction"]
-    if selected.computed and seconds.get("update"):
-        trained = int(rollouts.attention_mask[selected.computed].sum())
-        metrics["train/tokens_per_second"] = trained / seconds["update"]
-    return metrics
-
-
-def warn_truncation(metrics: dict[str, float], step: int) -> None:
-    """Most responses hitting response_length means the reward mostly sees cut-off answers."""
-    truncated = metrics["rollout/truncated_fraction"]
-    if truncated > 0.5 and (step == 1 or step % 10 == 0):
-        log.warning("step %d: %.0f%% of responses hit --response_length; raise it, add --stop_strings, or for thinking "
-                    "models switch thinking off with --chat_template_kwargs '{\"enable_thinking\": false}'", step, 100 * truncated)
-
-
-def sample_rows(rollouts: Rollouts, prompts: list[Prompt], scores: Scores, limit: int = 8) -> list[tuple[str, str, float, str]]:
-    out = []
-    for i in range(min(limit, len(rollouts.response_texts))):
-        prompt = prompts[rollouts.prompt_index[i]]
-        question = next(m["content"] for m in reversed(prompt.messages) if m["role"] == "user")
-        out.append((question, rollouts.response_texts[i], float(scores.rewards[i]), rollouts.finish_reasons[i]))
-    return out
 
 
 # ---------------------------------------------------------------- setup
