@@ -32,12 +32,12 @@ sys.path.insert(0, ROOT)
 def settings(args) -> dict:
     """The one source of every number both trainers get."""
     return {"prompts": args.prompts, "samples": args.samples, "length": args.length, "steps": args.steps, "learning_rate": 1e-6,
-            "temperature": 0.7, "top_p": 1.0, "beta": 0.0, "seed": 1}
+            "temperature": 0.7, "top_p": 1.0, "beta": 0.0, "seed": 1, "dtype": getattr(args, "dtype", "float32")}
 
 
 def ours_args(s: dict, model_dir: str, out: str, name: str, reference: str = "none") -> list[str]:
     batch = s["prompts"] * s["samples"]
-    args = ["--model_name_or_path", model_dir, "--train_mode", "full", "--policy_dtype", "float32",
+    args = ["--model_name_or_path", model_dir, "--train_mode", "full", "--policy_dtype", s["dtype"],
             "--num_unique_prompts_rollout", str(s["prompts"]), "--num_samples_per_prompt_rollout", str(s["samples"]),
             "--response_length", str(s["length"]), "--num_training_steps", str(s["steps"]), "--learning_rate", str(s["learning_rate"]),
             "--temperature", str(s["temperature"]), "--top_p", str(s["top_p"]), "--seed", str(s["seed"]),
@@ -55,7 +55,8 @@ def ours_args(s: dict, model_dir: str, out: str, name: str, reference: str = "no
 def trl_config(s: dict, out: str) -> dict:
     """GRPOConfig keyword arguments equal to ours_args."""
     batch = s["prompts"] * s["samples"]
-    return dict(output_dir=out, use_cpu=True, bf16=False, num_generations=s["samples"], per_device_train_batch_size=batch,
+    # TRL's bf16 on a CPU is autocast over fp32 weights (its documented mode); ours keeps bf16 weights + fp32 masters
+    return dict(output_dir=out, use_cpu=True, bf16=s["dtype"] == "bfloat16", num_generations=s["samples"], per_device_train_batch_size=batch,
                 gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, max_completion_length=s["length"],
                 max_steps=s["steps"], learning_rate=s["learning_rate"], lr_scheduler_type="constant", beta=s["beta"],
                 temperature=s["temperature"], top_p=s["top_p"], top_k=0, min_p=None, repetition_penalty=1.0, seed=s["seed"],
@@ -194,6 +195,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--skip-vllm", action="store_true", help="leave out the launched-vLLM-reference row")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="precision of both trainers (bfloat16: only where the CPU has native bf16, see bench_dtype.py)")
     args = parser.parse_args()
     s = settings(args)
     work = tempfile.mkdtemp(prefix="bench_trl_")
@@ -206,7 +209,7 @@ def main() -> None:
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompt_tokens = statistics.mean(len(tok.apply_chat_template(r["messages"], add_generation_prompt=True)) for r in arithmetic_rows("train")[:64])
-    print(f"settings: {json.dumps(s)}; model: random {params / 1e6:.1f}M (SmolLM2-135M shape), fp32, {torch.get_num_threads()} threads", flush=True)
+    print(f"settings: {json.dumps(s)}; model: random {params / 1e6:.1f}M (SmolLM2-135M shape), {torch.get_num_threads()} threads", flush=True)
     rows = {}
     rows["TRL GRPOTrainer"] = run_trl(s, model_dir, os.path.join(work, "trl"))
     rows["ours (no reference)"] = run_ours(s, model_dir, os.path.join(work, "ours"), "ours")

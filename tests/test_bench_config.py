@@ -11,7 +11,8 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-def test_ours_and_trl_get_equal_settings(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ours_and_trl_get_equal_settings(tmp_path, dtype):
     pytest.importorskip("trl")
     import bench_trl as B
     from trl import GRPOConfig
@@ -20,7 +21,7 @@ def test_ours_and_trl_get_equal_settings(tmp_path):
     from open_instruct2.rollout import sampling_config
     from open_instruct2.train_grpo import parse_config
 
-    s = B.settings(Namespace(steps=5, prompts=2, samples=4, length=64))
+    s = B.settings(Namespace(steps=5, prompts=2, samples=4, length=64, dtype=dtype))
     ours = parse_config([str(a) for a in B.ours_args(s, str(tmp_path / "model"), str(tmp_path / "out"), "r")])
     validate(ours)
     trl = GRPOConfig(**B.trl_config(s, str(tmp_path / "trl")))
@@ -42,6 +43,6 @@ def test_ours_and_trl_get_equal_settings(tmp_path):
     assert ours.optim.beta == trl.beta == 0.0 and ours.reference.reference_mode == "none"
     assert ours.optim.learning_rate == trl.learning_rate and ours.optim.lr_scheduler_type == str(trl.lr_scheduler_type).split(".")[-1].lower() == "constant"
     assert ours.rollout.num_training_steps == trl.max_steps == 5 and ours.experiment.seed == trl.seed
-    assert ours.runtime.policy_dtype == "float32" and not trl.bf16 and not trl.fp16
+    assert ours.runtime.policy_dtype == dtype and trl.bf16 == (dtype == "bfloat16") and not trl.fp16
     assert ours.model.gradient_checkpointing is False and trl.gradient_checkpointing is False
     assert ours.lora.train_mode == "full"
