@@ -26,10 +26,10 @@ def test_ours_and_trl_get_equal_settings(tmp_path, dtype):
     validate(ours)
     trl = GRPOConfig(**B.trl_config(s, str(tmp_path / "trl")))
     # generation: the same distribution, the same length
-    generation = sampling_config(temperature=ours.rollout.temperature, top_p=ours.rollout.top_p, response_length=ours.rollout.response_length,
-                                 pad_token_id=2, eos_token_ids=[2])
-    assert (generation.temperature, generation.top_p, generation.top_k) == (trl.temperature, trl.top_p, trl.top_k) == (0.7, 1.0, 0)
-    assert trl.repetition_penalty == 1.0 and trl.min_p is None and generation.repetition_penalty in (None, 1.0)
+    generation, [sampler] = sampling_config(temperature=ours.rollout.temperature, top_p=ours.rollout.top_p,
+                                            response_length=ours.rollout.response_length, pad_token_id=2, eos_token_ids=[2])
+    assert (sampler.temperature, sampler.top_p, generation.top_k) == (trl.temperature, trl.top_p, None) and trl.top_k == 0
+    assert trl.repetition_penalty == 1.0 and trl.min_p is None and generation.repetition_penalty is None and generation.min_p is None
     assert generation.max_new_tokens == trl.max_completion_length == 64
     assert ours.rollout.stop_strings is None
     # completions per step: prompts x samples, all generated at once

