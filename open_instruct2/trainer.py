@@ -344,6 +344,15 @@ def prepare_verifiers(prompts: list[Prompt], cfg: Config) -> None:
         verifiers.VERIFIERS["math"]("\\boxed{1}", "1")  # pay math-verify's import and parser set-up now, not in step 1
 
 
+def make_optimizer(groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has a fused kernel for the device (CPU included since torch 2.4): measured
+    0.068 s against 0.314 s a step for 108M fp32 parameters on 2 cores (BENCHMARKS.md); else foreach."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, foreach=True)
+
+
 def log_generation_settings(policy, cfg: Config) -> None:
     r = cfg.rollout
     log.info("generation: temperature %g, top_p %g, top_k off, no penalties, at most %d new tokens, stop strings %s; "
@@ -384,7 +393,7 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
     if profiler is not None:
         profiler.attach(derived.run_dir)
     master = MasterWeights(trainable_parameters(policy))
-    optimizer = torch.optim.AdamW(optimizer_groups(policy, master, cfg.optim.weight_decay), lr=cfg.optim.learning_rate)
+    optimizer = make_optimizer(optimizer_groups(policy, master, cfg.optim.weight_decay), cfg.optim.learning_rate)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(
