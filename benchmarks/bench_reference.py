@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from open_instruct2.config import default_config
-    from open_instruct2.reference_vllm import LAUNCHED_NAME, VLLMClient, VLLMServer, pick_served_model
+    from open_instruct2.reference_vllm import LAUNCHED_NAME, VLLMClient, pick_served_model, reference_server
 
     server = None
     if args.endpoint:
@@ -38,7 +38,7 @@ def main() -> None:
         cfg = default_config(reference_launch_port=args.port, reference_api_key=args.api_key, max_token_length=1024)
         client = VLLMClient(f"http://127.0.0.1:{args.port}", args.api_key, 600, 3)
         log_path = os.path.join(tempfile.mkdtemp(), "vllm_reference.log")
-        server = VLLMServer(cfg, str(ensure_builtin_model("builtin:smollm2-135m-instruct")), log_path)
+        server = reference_server(cfg, str(ensure_builtin_model("builtin:smollm2-135m-instruct")), log_path)
         print(f"launching vLLM on the builtin model (log {log_path}) ...", flush=True)
         server.start(client)
         client.model = LAUNCHED_NAME

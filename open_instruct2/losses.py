@@ -156,6 +156,38 @@ def aggregate(per_token: Tensor, response_mask: Tensor, norm: LossNorm, mode: st
     return _pick(LOSS_AGGREGATIONS, mode, "loss aggregation")(per_token, response_mask.to(per_token.dtype), norm)
 
 
+# ---------------------------------------------------------------- sampler mismatch
+# When another engine (a vLLM server) sampled the responses, its probabilities differ slightly from the
+# trainer's (kernels, precision, a merged LoRA). Truncated importance sampling weighs each policy-gradient
+# term by min(p_trainer / p_sampler, cap) of the sampled token ("token") or of the whole response
+# ("sequence": the product over its tokens, one weight for all of them). Log-ratios are clamped before the
+# exp, so min(exp(x), cap) = exp(min(x, log cap)) never overflows.
+
+
+def token_log_ratio(log_ratio: Tensor, response_mask: Tensor) -> Tensor:
+    return log_ratio
+
+
+def sequence_log_ratio(log_ratio: Tensor, response_mask: Tensor) -> Tensor:
+    return (log_ratio * response_mask).sum(dim=1, keepdim=True).expand_as(log_ratio)  # (B, T)
+
+
+IMPORTANCE_LEVELS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"token": token_log_ratio, "sequence": sequence_log_ratio}
+
+
+def importance_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, response_mask: Tensor, cap: float, level: str) -> tuple[Tensor, Tensor]:
+    """(weights, capped) both (B, T): the truncated importance weight of each token (1 where cap is 0, i.e.
+    off), and whether the cap bound it. old_logprobs are the trainer's log-probs of the sampled tokens before
+    the update, sampler_logprobs the sampling engine's; outside response_mask the weight is 1."""
+    mask = response_mask.to(old_logprobs.dtype)
+    log_ratio = _pick(IMPORTANCE_LEVELS, level, "importance sampling level")((old_logprobs - sampler_logprobs) * mask, mask)  # (B, T)
+    if cap <= 0:
+        return torch.ones_like(log_ratio), torch.zeros_like(log_ratio, dtype=torch.bool)
+    limit = torch.log(torch.tensor(cap, dtype=log_ratio.dtype))
+    capped = (log_ratio > limit) & response_mask.bool()
+    return torch.exp(log_ratio.clamp(max=limit)), capped
+
+
 # ---------------------------------------------------------------- the GRPO loss
 
 
@@ -172,13 +204,20 @@ def grpo_loss(
     beta: float,
     kl_estimator: str,
     aggregation: str,
+    sampler_logprobs: Tensor | None = None,
+    importance_cap: float = 0.0,
+    importance_level: str = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate plus beta * KL, aggregated by name.
 
     logprobs (B, T) carry gradients; old_logprobs, ref_logprobs (B, T) and advantages (B,) do not;
     response_mask (B, T) is 1 on sampled response tokens. Metrics are detached SUMS over the valid tokens
     (policy_loss, clip_fraction, ratio, kl): the caller adds them over micro-batches and divides by the
-    tokens it computed, so a logged metric is a plain token mean whatever the loss aggregation.
+    tokens it computed, so a logged metric is a plain token mean whatever the loss aggregation; a name
+    ending in _max is a maximum instead.
+
+    sampler_logprobs (B, T), when another engine sampled the responses: each policy-gradient term is
+    weighed by its truncated importance weight (importance_weights above; the KL term is not).
     """
     # Outside the mask inputs may be garbage (padding): zero them before any exp, so inf * 0 can't be nan.
     mask = response_mask.bool()
@@ -191,10 +230,17 @@ def grpo_loss(
     per_token = torch.maximum(unclipped, clipped)  # (B, T)
     valid = response_mask.to(per_token.dtype)  # (B, T)
     metrics = {
-        "policy_loss": (per_token.detach() * valid).sum(),
         "clip_fraction": ((clipped > unclipped).float() * valid).sum(),
         "ratio": (ratio.detach() * valid).sum(),
     }
+    if sampler_logprobs is not None:  # another engine sampled: truncated importance weights (detached)
+        sampler_logprobs = torch.where(mask, sampler_logprobs, 0.0)
+        weights, capped = importance_weights(old_logprobs.detach(), sampler_logprobs, response_mask, importance_cap, importance_level)
+        per_token = per_token * weights
+        gap = (old_logprobs.detach() - sampler_logprobs).abs() * valid  # (B, T)
+        metrics.update(sampler_mismatch_mean=gap.sum(), sampler_mismatch_max=gap.max(), importance_weight=(weights * valid).sum(),
+                       importance_capped_fraction=(capped.float() * valid).sum())
+    metrics["policy_loss"] = (per_token.detach() * valid).sum()
     if ref_logprobs is not None and beta != 0.0:
         ref_logprobs = torch.where(mask, ref_logprobs, 0.0)
         kl = _pick(KL_ESTIMATORS, kl_estimator, "KL estimator")(logprobs, ref_logprobs, ratio)  # (B, T)

@@ -180,35 +180,34 @@ def _error_detail(response: requests.Response) -> str:
 
 
 class VLLMServer:
-    """A vLLM api_server child process in its own process group, logging to <run>/vllm_reference.log."""
+    """A vLLM api_server child process in its own process group, logging to `log_path`.
 
-    def __init__(self, cfg: Config, model_path: str, log_path: str):
-        ref = cfg.reference
-        self.host, self.port = ref.reference_launch_host, ref.reference_launch_port
-        self.api_key, self.log_path = ref.reference_api_key, log_path
-        self.temperature = cfg.rollout.temperature
-        self.startup_timeout_s = ref.reference_startup_timeout_s
+    `role` names it in messages ("reference", "rollout"); `dev_mode` turns on the admin routes the rollout
+    server's weight sync needs (VLLM_SERVER_DEV_MODE=1: /collective_rpc, /reset_prefix_cache)."""
+
+    def __init__(self, *, role: str, model_path: str, log_path: str, host: str, port: int, api_key: str | None, temperature: float,
+                 startup_timeout_s: float, dtype: str, max_len: int, served_name: str, gpu_fraction: float | None = None,
+                 tensor_parallel_size: int = 1, extra_args: str | None = None, dev_mode: bool = False):
+        self.role, self.host, self.port = role, host, port
+        self.api_key, self.log_path, self.dev_mode = api_key, log_path, dev_mode
+        self.temperature = temperature
+        self.startup_timeout_s = startup_timeout_s
         self.on_cpu = not cuda_available()
-        dtype = ref.reference_launch_dtype
-        if dtype == "auto" and self.on_cpu:
-            dtype = "float32"  # bf16 reference scores on CPU are off by up to 0.16 (ENVIRONMENT.md)
-        max_len = ref.reference_launch_max_model_len or cfg.data.max_token_length + 1  # +1: the one sampled token
         self.command = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-            "--served-model-name", LAUNCHED_NAME, "--host", self.host, "--port", str(self.port),
+            "--served-model-name", served_name, "--host", self.host, "--port", str(self.port),
             "--dtype", dtype, "--max-model-len", str(max_len),
+            "--generation-config", "vllm",  # sampling exactly as requested: the model's generation_config.json stays out
         ]
         if self.on_cpu:
             self.command.append("--enforce-eager")  # compiling costs a minute of start-up for little gain here
         else:
-            fraction = ref.reference_launch_gpu_memory_utilization
-            if fraction is None:
-                fraction, why = reference_gpu_fraction(model_path, torch.cuda.get_device_properties(0).total_memory)
-                log.info("reference: the launched vLLM may take %.2f of the GPU (%s); set --reference_launch_gpu_memory_utilization to change it", fraction, why)
-            self.command += ["--gpu-memory-utilization", f"{fraction:.3f}",
-                             "--tensor-parallel-size", str(ref.reference_launch_tensor_parallel_size)]
-        if ref.reference_launch_extra_args:
-            self.command += shlex.split(ref.reference_launch_extra_args)
+            if gpu_fraction is None:
+                gpu_fraction, why = reference_gpu_fraction(model_path, torch.cuda.get_device_properties(0).total_memory)
+                log.info("%s: the launched vLLM may take %.2f of the GPU (%s)", role, gpu_fraction, why)
+            self.command += ["--gpu-memory-utilization", f"{gpu_fraction:.3f}", "--tensor-parallel-size", str(tensor_parallel_size)]
+        if extra_args:
+            self.command += shlex.split(extra_args)
         self.process: subprocess.Popen | None = None
         atexit.register(self.stop)
 
@@ -217,6 +216,9 @@ class VLLMServer:
 
         env = dict(os.environ)
         env.pop("VLLM_API_KEY", None)
+        env.pop("VLLM_SERVER_DEV_MODE", None)
+        if self.dev_mode:
+            env["VLLM_SERVER_DEV_MODE"] = "1"
         if self.api_key:
             env["VLLM_API_KEY"] = self.api_key
         env.pop(TEMPERATURE_ENV, None)
@@ -228,10 +230,12 @@ class VLLMServer:
             # the server gets every core the trainer may use (1.8x faster scoring on 2 cores).
             cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+            # Its OpenMP threads would spin on those cores after each request, while the trainer updates.
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         return env
 
     def start(self, client: VLLMClient) -> None:
-        _check_port_free(self.host, self.port)
+        _check_port_free(self.host, self.port, "--rollout_vllm_port" if self.role == "rollout" else "--reference_launch_port")
         with open(self.log_path, "a") as logfile:
             logfile.write(f"\n=== open-instruct2: starting {shlex.join(self.command)}\n")
             logfile.flush()
@@ -239,19 +243,19 @@ class VLLMServer:
                 self.command, env=self.environment(), stdout=logfile, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
             )
-        log.info("reference: launching vLLM (pid %d), log %s", self.process.pid, self.log_path)
+        log.info("%s: launching vLLM (pid %d), log %s", self.role, self.process.pid, self.log_path)
         start = time.time()
         while time.time() - start < self.startup_timeout_s:
             if self.process.poll() is not None:
                 code = self.process.returncode
                 self.process = None
-                raise UserError(f"the vLLM reference server exited with code {code} during start-up: {_last_lines(self.log_path)} (full log: {self.log_path})")
+                raise UserError(f"the vLLM {self.role} server exited with code {code} during start-up: {_last_lines(self.log_path)} (full log: {self.log_path})")
             if client.health():
-                log.info("reference: vLLM ready in %.0f s", time.time() - start)
+                log.info("%s: vLLM ready in %.0f s", self.role, time.time() - start)
                 return
             time.sleep(0.5)
         self.stop()
-        raise UserError(f"the vLLM reference server was not healthy within --reference_startup_timeout_s {self.startup_timeout_s:g}; see {self.log_path} or raise the timeout")
+        raise UserError(f"the vLLM {self.role} server was not healthy within --reference_startup_timeout_s {self.startup_timeout_s:g}; see {self.log_path} or raise the timeout")
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -281,7 +285,21 @@ class VLLMServer:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(family, timeout=10)
-        log.info("reference: vLLM server stopped")
+        log.info("%s: vLLM server stopped", self.role)
+
+
+def reference_server(cfg: Config, model_path: str, log_path: str) -> VLLMServer:
+    ref = cfg.reference
+    dtype = ref.reference_launch_dtype
+    if dtype == "auto" and not cuda_available():
+        dtype = "float32"  # bf16 reference scores on CPU are off by up to 0.16 (ENVIRONMENT.md)
+    return VLLMServer(
+        role="reference", model_path=model_path, log_path=log_path, host=ref.reference_launch_host, port=ref.reference_launch_port,
+        api_key=ref.reference_api_key, temperature=cfg.rollout.temperature, startup_timeout_s=ref.reference_startup_timeout_s,
+        dtype=dtype, max_len=ref.reference_launch_max_model_len or cfg.data.max_token_length + 1,  # +1: the one sampled token
+        served_name=LAUNCHED_NAME, gpu_fraction=ref.reference_launch_gpu_memory_utilization,
+        tensor_parallel_size=ref.reference_launch_tensor_parallel_size, extra_args=ref.reference_launch_extra_args,
+    )
 
 
 def reference_gpu_fraction(model_path: str, total_bytes: int) -> tuple[float, str]:
@@ -299,13 +317,13 @@ def reference_gpu_fraction(model_path: str, total_bytes: int) -> tuple[float, st
     return fraction, f"2 x {weights / 2**30:.1f} GiB of weights + 2 GiB of {total_bytes / 2**30:.0f} GiB"
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int, flag: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
-            raise UserError(f"port {port} on {host} is already in use; choose another --reference_launch_port or stop what uses it") from None
+            raise UserError(f"port {port} on {host} is already in use; choose another {flag} or stop what uses it") from None
 
 
 def _die_with_parent() -> None:
@@ -433,7 +451,7 @@ def make_vllm_reference(cfg: Config, runtime: Runtime, run_dir: str, tokenizer=N
         model_path = resolve_model_path(ref.reference_model_name_or_path or cfg.model.model_name_or_path)
         url = f"http://{ref.reference_launch_host}:{ref.reference_launch_port}"
         client = VLLMClient(url, ref.reference_api_key, ref.reference_timeout_s, ref.reference_max_retries)
-        server = VLLMServer(cfg, model_path, os.path.join(run_dir, "vllm_reference.log"))
+        server = reference_server(cfg, model_path, os.path.join(run_dir, "vllm_reference.log"))
         server.start(client)
         wanted = LAUNCHED_NAME
     else:

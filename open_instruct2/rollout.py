@@ -42,6 +42,10 @@ class Rollouts:
     """Decoded responses (special tokens removed)."""
     prompt_index: list[int]
     """Index into PromptBatch.prompts of each sample."""
+    sampler_logprobs: torch.Tensor | None = None
+    """(N, T) the sampling engine's log-prob of each sampled token when it is not this process (vllm backend), else None."""
+    stats: dict | None = None
+    """Metrics of how the rollouts were made (vllm backend: weight sync seconds), merged into the step's."""
 
     @property
     def response_lengths(self) -> torch.Tensor:

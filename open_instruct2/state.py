@@ -39,6 +39,8 @@ HARMLESS = {
     "reference_endpoint", "reference_api_key", "reference_served_model_name", "reference_launch_host", "reference_launch_port",
     "reference_launch_gpu_memory_utilization", "reference_launch_tensor_parallel_size", "reference_launch_extra_args",
     "reference_startup_timeout_s", "reference_timeout_s", "reference_max_retries", "num_threads", "max_nonfinite_updates",
+    # where the rollout server runs (its weights are always the policy's)
+    "rollout_vllm_endpoint", "rollout_vllm_port", "rollout_vllm_gpu_memory_utilization", "rollout_vllm_extra_args",
 }
 
 

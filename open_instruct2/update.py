@@ -17,6 +17,9 @@ Which samples count, and why (for a reader comparing trainers):
 - Inside a mini-batch, samples go to micro-batches sorted by length (less padding; the summed gradient
   is the same, since the denominators are counted for the whole mini-batch first).
 - Dropout is off in every pass (policy.py), so old and new log-probs of the same weights are equal.
+- Rollouts sampled by a vLLM server carry its log-probs of the sampled tokens; the policy-gradient terms
+  are then weighed by truncated importance weights (losses.importance_weights), and the gap between the
+  trainer's and the server's log-probs is logged (train/sampler_mismatch_mean, _max).
 - Metrics are token means over the computed tokens, summed on the device and read once per step.
 """
 
@@ -103,6 +106,8 @@ def update_policy(run, rollouts: Rollouts, advantages: torch.Tensor, ref_logprob
         if name in ("loss", "grad_norm"):
             if steps:
                 metrics[f"train/{name}"] = value / steps
+        elif name.endswith("_max"):
+            metrics[f"train/{name}"] = value
         else:
             metrics[f"train/{name}"] = value / tokens
     return metrics
@@ -134,13 +139,16 @@ def backward_mini_batch(model, master, rollouts: Rollouts, rows: list[int], norm
             beta=cfg.optim.beta,
             kl_estimator=cfg.optim.kl_estimator,
             aggregation=cfg.optim.loss_aggregation,
+            sampler_logprobs=None if rollouts.sampler_logprobs is None else rollouts.sampler_logprobs[chunk, :width],
+            importance_cap=cfg.rollout.importance_sampling_cap,
+            importance_level=cfg.rollout.importance_sampling_level,
         )
         loss.backward()
         master.accumulate()  # low-precision gradients summed in fp32
         sums["loss"] += loss.detach()
         sums["tokens"] += part.response_mask.sum()
         for k, v in metrics.items():
-            sums[k] += v
+            sums[k] = torch.maximum(sums[k], v) if k.endswith("_max") else sums[k] + v
 
 
 def optimizer_step(run) -> torch.Tensor | None:

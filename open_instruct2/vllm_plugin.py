@@ -11,6 +11,14 @@ open-instruct2's package declares; without the variable it does nothing. A launc
 the variable from the trainer. For your own server (endpoint_vllm) with open-instruct2 installed beside
 vLLM: `OPEN_INSTRUCT2_LOGPROB_TEMPERATURE=0.7 vllm serve ...`. The trainer's start-up probe checks the
 served log-probs against its own at T and names this variable when they match temperature 1 instead.
+
+It also fixes in-place weight reloading (`/collective_rpc` reload_weights, the rollout server's weight sync)
+for models whose output layer is tied to the input embedding (SmolLM2, Qwen2.5-0.5B, Llama 3.2 1B...): vLLM
+0.32 reloads layer by layer, skips `lm_head` of a tied model (there is no such tensor in the checkpoint),
+then puts its old tensors back ("ParallelLMHead: Failed to load weights"). The weight itself is shared with
+the reloaded embedding, but on CPU the logits come from a GEMM copy packed at the first load, which stays
+stale: served log-probs were off by up to 0.35 after a sync that changed the embedding (5e-5 with this
+fix, and without the embedding changed). After a reload the output layer is re-processed.
 """
 
 import logging
@@ -22,6 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def register() -> None:
+    _retie_embeddings_after_reload()
     value = os.environ.get(ENV)
     if not value:
         return
@@ -41,3 +50,36 @@ def register() -> None:
     LogitsProcessor.__init__ = init_with_temperature
     LogitsProcessor._open_instruct2_temperature = temperature
     log.info("open-instruct2: logits are divided by %g (log-probs at the sampling temperature)", temperature)
+
+
+def _retie_embeddings_after_reload() -> None:
+    try:
+        from vllm.model_executor.model_loader.reload import inplace
+    except ImportError:  # another vLLM version: nothing to fix there
+        return
+    original = inplace.finalize_layerwise_reload
+    if getattr(original, "_open_instruct2", False):
+        return
+
+    def finalize(model, *args, **kwargs):
+        result = original(model, *args, **kwargs)
+        if retie_output_layer(model):
+            log.info("open-instruct2: reloaded weights: the output layer is tied to the embedding again")
+        return result
+
+    finalize._open_instruct2 = True
+    inplace.finalize_layerwise_reload = finalize
+
+
+def retie_output_layer(model) -> bool:
+    """A tied model's lm_head: point it at the embedding's (reloaded) weight and re-run its weight processing
+    (on CPU that re-packs the GEMM weights the logits are computed with). True for a tied model."""
+    lm_head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+    if lm_head is None or embed is None or not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return False
+    if lm_head.weight is not embed.weight:
+        lm_head.weight = embed.weight
+    method = getattr(lm_head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(lm_head)
+    return True

@@ -178,7 +178,7 @@ def test_port_in_use_is_a_clear_error(tmp_path, builtin_model_dir):
         busy.listen()
         port = busy.getsockname()[1]
         cfg = default_config(reference_launch_port=port)
-        server = rv.VLLMServer(cfg, str(builtin_model_dir), str(tmp_path / "log"))
+        server = rv.reference_server(cfg, str(builtin_model_dir), str(tmp_path / "log"))
         with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is already in use"):
             server.start(rv.VLLMClient(f"http://127.0.0.1:{port}", None, 5, 0))
         assert server.process is None
@@ -186,14 +186,15 @@ def test_port_in_use_is_a_clear_error(tmp_path, builtin_model_dir):
 
 def test_launched_server_gets_the_key_by_environment_only(tmp_path, builtin_model_dir):
     cfg = default_config(reference_api_key=API_KEY, reference_launch_extra_args="--seed 3 --max-num-seqs 8")
-    server = rv.VLLMServer(cfg, str(builtin_model_dir), str(tmp_path / "log"))
+    server = rv.reference_server(cfg, str(builtin_model_dir), str(tmp_path / "log"))
     assert API_KEY not in " ".join(server.command)
     assert server.command[-4:] == ["--seed", "3", "--max-num-seqs", "8"]
+    assert "VLLM_SERVER_DEV_MODE" not in server.environment()  # the reference needs no admin routes
     assert server.command[server.command.index("--dtype") + 1] == "float32"  # auto on CPU
     assert server.environment()["VLLM_API_KEY"] == API_KEY
     assert server.environment()["OPEN_INSTRUCT2_LOGPROB_TEMPERATURE"] == "0.7"  # the default --temperature
     cfg.rollout.temperature = 1.0
-    assert "OPEN_INSTRUCT2_LOGPROB_TEMPERATURE" not in rv.VLLMServer(cfg, str(builtin_model_dir), str(tmp_path / "log")).environment()
+    assert "OPEN_INSTRUCT2_LOGPROB_TEMPERATURE" not in rv.reference_server(cfg, str(builtin_model_dir), str(tmp_path / "log")).environment()
 
 
 def test_a_launched_server_on_a_gpu_leaves_room_for_training(tmp_path, monkeypatch):
@@ -208,9 +209,9 @@ def test_a_launched_server_on_a_gpu_leaves_room_for_training(tmp_path, monkeypat
     assert rv.reference_gpu_fraction("Qwen/Qwen3-0.6B", 80 * gib)[0] == 0.3  # not local: a fixed share
     monkeypatch.setattr(rv, "cuda_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 80 * gib})())
-    command = rv.VLLMServer(default_config(), str(model), str(tmp_path / "log")).command
+    command = rv.reference_server(default_config(), str(model), str(tmp_path / "log")).command
     assert command[command.index("--gpu-memory-utilization") + 1] == "0.100"
-    command = rv.VLLMServer(default_config(reference_launch_gpu_memory_utilization=0.5), str(model), str(tmp_path / "log")).command
+    command = rv.reference_server(default_config(reference_launch_gpu_memory_utilization=0.5), str(model), str(tmp_path / "log")).command
     assert command[command.index("--gpu-memory-utilization") + 1] == "0.500"
 
 

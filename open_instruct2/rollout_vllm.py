@@ -1,0 +1,247 @@
+"""Rollouts sampled by a vLLM server, with the policy's weights pushed to it over HTTP (no NCCL).
+
+`--rollout_backend vllm`. The server is launched by this run (its own process group, like the reference
+server) or is an endpoint (`--rollout_vllm_endpoint`, started with VLLM_SERVER_DEV_MODE=1). It gets the
+prompts as token ids, `n` = samples per prompt, max_tokens, top_p, stop strings, eos ids and a seed drawn
+from the run's RNG, and answers token ids with the log-prob of each sampled token.
+
+Temperature: like the reference server, the rollout server runs with OPEN_INSTRUCT2_LOGPROB_TEMPERATURE=T
+(vllm_plugin.py divides its logits by T), and requests ask for temperature 1. So what it samples from and
+the log-probs it returns are both softmax(logits / T), the distribution the trainer's log-probs model.
+
+Weight sync, after every training step that changed the policy, lazily before the next generation:
+the policy's weights (LoRA: merged into a copy, base + B @ A * scale, the adapter itself untouched) are
+written as one safetensors file into <run>/rollout_weights/ (written beside, then renamed: the server never
+reads half a file), the server reloads them in place (`/collective_rpc` reload_weights) and drops its prefix
+cache (cached prompt KV was computed by the old weights). A server that dies is relaunched, the current
+weights pushed again, and the generation retried.
+
+Both the sync and the generation requests are plain HTTP: nothing can hang in a collective. The price is a
+file write and read per step (0.5 GB for a 135M model in fp32; measured in the README).
+"""
+
+import logging
+import os
+import time
+
+import torch
+
+from .bootstrap import resolve_model_path
+from .config import Config
+from .data import PromptBatch
+from .errors import UserError
+from .reference_vllm import (ReferenceFailure, ReferenceUnavailable, VLLMClient, VLLMServer, check_probe, pick_served_model,
+                             reference_gpu_fraction)
+from .rollout import Rollouts, _eos_ids
+from .runtime import Runtime, cuda_available
+
+log = logging.getLogger(__name__)
+
+ROLLOUT_NAME = "open-instruct2-policy"
+API_KEY_ENV = "OPEN_INSTRUCT2_ROLLOUT_API_KEY"
+GENERATION_TIMEOUT_S = 1800.0
+
+
+class RolloutFailure(Exception):
+    """The rollout server could not generate or take the new weights (mid-run, the trainer saves and stops)."""
+
+
+# ---------------------------------------------------------------- policy weights as a checkpoint
+
+
+def policy_weights(policy) -> dict[str, torch.Tensor]:
+    """The policy's weights under the base model's names, as the server loads them. A PEFT model's LoRA
+    layers are merged into copies (W + delta, computed in fp32, stored in W's dtype); the model is not changed.
+    Tied weights are written once (the first name: the embedding)."""
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    merged = {}
+    for name, module in base.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            weight = module.base_layer.weight
+            delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters if a in module.lora_A)
+            merged[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
+    out, seen = {}, set()
+    for key, tensor in base.state_dict().items():
+        if "lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        if tensor.data_ptr() in seen and key not in merged:
+            continue
+        seen.add(tensor.data_ptr())
+        out[key] = merged.get(key, tensor).detach().to("cpu").contiguous()
+    return out
+
+
+def write_weights(weights: dict[str, torch.Tensor], folder: str) -> str:
+    """One model.safetensors in `folder`, written beside and renamed into place. Returns the folder."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    partial = os.path.join(folder, "model.partial")
+    save_file(weights, partial, metadata={"format": "pt"})
+    os.replace(partial, os.path.join(folder, "model.safetensors"))
+    return folder
+
+
+# ---------------------------------------------------------------- the server's reply as Rollouts
+
+
+def rollouts_from_choices(choices: list[dict], prompts: list[list[int]], num_samples: int, tokenizer, response_length: int,
+                          device) -> Rollouts:
+    """Rollouts (rollout.py's shape: left-padded prompts, responses from column P) from a /v1/completions reply
+    to `prompts` with n = num_samples, whose choices carry `token_ids` and logprobs.token_logprobs. Every
+    choice is checked: its index, one log-prob per token, at most response_length tokens."""
+    expected = len(prompts) * num_samples
+    by_index = {c.get("index"): c for c in choices if isinstance(c, dict)}
+    if sorted(by_index) != list(range(expected)):
+        raise ReferenceFailure(f"the rollout server answered {len(choices)} choices (indexes {sorted(by_index)[:8]}...) for {expected} samples")
+    rows, logprobs, reasons = [], [], []
+    for i in range(expected):
+        choice = by_index[i]
+        ids = choice.get("token_ids")
+        values = (choice.get("logprobs") or {}).get("token_logprobs")
+        if not isinstance(ids, list) or not isinstance(values, list) or len(ids) != len(values) or len(ids) > response_length:
+            raise ReferenceFailure(f"the rollout server's choice {i} has {type(ids).__name__} token_ids and {type(values).__name__} log-probs "
+                                   f"(lengths {len(ids) if isinstance(ids, list) else '-'}/{len(values) if isinstance(values, list) else '-'}, limit {response_length})")
+        if any(v is None or v > 1e-3 for v in values):
+            raise ReferenceFailure(f"the rollout server's choice {i} has log-probs that are not log-probs: {values[:8]}")
+        rows.append(ids)
+        logprobs.append(values)
+        reasons.append("length" if choice.get("finish_reason") == "length" else "stop")
+    sample_prompts = [prompts[i // num_samples] for i in range(expected)]
+    width = max(len(p) for p in sample_prompts)
+    span = max(1, max(len(r) for r in rows))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((expected, width + span), pad, dtype=torch.long)  # (N, P + T)
+    attention_mask = torch.zeros((expected, width + span), dtype=torch.long)
+    response_mask = torch.zeros((expected, span), dtype=torch.long)  # (N, T)
+    sampler_logprobs = torch.zeros((expected, span), dtype=torch.float32)
+    for i, (prompt, ids, values) in enumerate(zip(sample_prompts, rows, logprobs)):
+        start = width - len(prompt)
+        input_ids[i, start:width] = torch.tensor(prompt)
+        attention_mask[i, start : width + len(ids)] = 1
+        if ids:
+            input_ids[i, width : width + len(ids)] = torch.tensor(ids)
+            response_mask[i, : len(ids)] = 1
+            sampler_logprobs[i, : len(ids)] = torch.tensor(values)
+    return Rollouts(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        response_mask=response_mask.to(device),
+        prompt_width=width,
+        finish_reasons=reasons,
+        response_texts=tokenizer.batch_decode(rows, skip_special_tokens=True),
+        prompt_index=[i // num_samples for i in range(expected)],
+        sampler_logprobs=sampler_logprobs.to(device),
+    )
+
+
+# ---------------------------------------------------------------- the backend
+
+
+class VLLMRollouts:
+    """Generates Rollouts on a vLLM server whose weights follow the policy's."""
+
+    def __init__(self, cfg: Config, policy, tokenizer, runtime: Runtime, client: VLLMClient, server: VLLMServer | None, weights_dir: str):
+        self.cfg, self.policy, self.tokenizer, self.runtime = cfg, policy, tokenizer, runtime
+        self.client, self.server, self.weights_dir = client, server, weights_dir
+        self.stale = False
+        self.relaunches = 0
+        self.eos = sorted(_eos_ids(policy, tokenizer))
+
+    def weights_changed(self) -> None:
+        """The policy took an optimizer step: push its weights before the next generation."""
+        self.stale = True
+
+    def sync(self) -> dict[str, float]:
+        """Push the policy's current weights to the server; returns the seconds each part took."""
+        start = time.perf_counter()
+        write_weights(policy_weights(self.policy), self.weights_dir)
+        written = time.perf_counter()
+        self.client._request("POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": os.path.abspath(self.weights_dir)}})
+        self.client._request("POST", "/reset_prefix_cache")
+        self.stale = False
+        return {"time/weight_write": written - start, "time/weight_sync": time.perf_counter() - start}
+
+    def generate(self, batch: PromptBatch, *, num_samples: int, seed: int) -> Rollouts:
+        ro = self.cfg.rollout
+        stats = self.sync() if self.stale else {}
+        prompts = [p.prompt_ids for p in batch.prompts]
+        payload = {
+            "model": self.client.model, "prompt": prompts, "n": num_samples, "max_tokens": ro.response_length,
+            "temperature": 1.0,  # the server's logits are already divided by --temperature (vllm_plugin.py)
+            "top_p": ro.top_p, "seed": seed, "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True,
+            "stop": ro.stop_strings or [], "include_stop_str_in_output": True, "stop_token_ids": self.eos, "ignore_eos": False,
+        }
+        try:
+            try:
+                reply = self.client._request("POST", "/v1/completions", payload)
+            except ReferenceUnavailable as e:
+                if self.server is None:
+                    raise
+                self.relaunches += 1
+                log.warning("rollout: %s; relaunching the vLLM rollout server (relaunch %d), pushing the weights and retrying", e, self.relaunches)
+                self.server.stop()
+                self.server.start(self.client)
+                stats = self.sync()
+                reply = self.client._request("POST", "/v1/completions", payload)
+            rollouts = rollouts_from_choices(reply.get("choices") or [], prompts, num_samples, self.tokenizer, ro.response_length, self.runtime.device)
+        except (ReferenceFailure, UserError) as e:
+            raise RolloutFailure(str(e)) from None
+        rollouts.stats = {**stats, "rollout/server_relaunches": float(self.relaunches)}
+        return rollouts
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def rollout_server(cfg: Config, model_path: str, log_path: str, policy_dtype: torch.dtype) -> VLLMServer:
+    ro, ref = cfg.rollout, cfg.reference
+    dtype = ro.rollout_vllm_dtype if ro.rollout_vllm_dtype != "auto" else str(policy_dtype).removeprefix("torch.")
+    fraction = ro.rollout_vllm_gpu_memory_utilization
+    if fraction is None and cuda_available():
+        fraction = reference_gpu_fraction(model_path, torch.cuda.get_device_properties(0).total_memory)[0]
+    return VLLMServer(
+        role="rollout", model_path=model_path, log_path=log_path, host="127.0.0.1", port=ro.rollout_vllm_port, api_key=None,
+        temperature=ro.temperature, startup_timeout_s=ref.reference_startup_timeout_s, dtype=dtype,
+        max_len=cfg.data.max_prompt_token_length + ro.response_length + 1, served_name=ROLLOUT_NAME, gpu_fraction=fraction,
+        extra_args=ro.rollout_vllm_extra_args, dev_mode=True,
+    )
+
+
+def make_vllm_rollouts(cfg: Config, runtime: Runtime, run_dir: str, policy, tokenizer) -> VLLMRollouts:
+    """Launch (or connect to) the rollout server, check it, and give it the policy's weights."""
+    ro, ref = cfg.rollout, cfg.reference
+    server = None
+    timeout = max(ref.reference_timeout_s, GENERATION_TIMEOUT_S)
+    if ro.rollout_vllm_endpoint is None:
+        model_path = resolve_model_path(cfg.model.model_name_or_path)
+        url = f"http://127.0.0.1:{ro.rollout_vllm_port}"
+        client = VLLMClient(url, None, timeout, ref.reference_max_retries)
+        server = rollout_server(cfg, model_path, os.path.join(run_dir, "vllm_rollout.log"), next(policy.parameters()).dtype)
+        server.start(client)
+        wanted = ROLLOUT_NAME
+    else:
+        url = ro.rollout_vllm_endpoint
+        client = VLLMClient(url, os.environ.get(API_KEY_ENV), timeout, ref.reference_max_retries)
+        if not client.health():
+            raise UserError(f"the rollout endpoint {url} does not answer /health; start the vLLM server or fix --rollout_vllm_endpoint")
+        wanted = None
+    backend = VLLMRollouts(cfg, policy, tokenizer, runtime, client, server, os.path.join(run_dir, "rollout_weights"))
+    try:
+        client.model = pick_served_model(client.models(), wanted, url)["id"]
+        try:
+            stats = backend.sync()  # the policy's weights (a resumed run's, an endpoint's unknown ones)
+        except UserError as e:
+            raise UserError(f"the rollout server at {url} did not take the policy's weights ({e}); it must run with VLLM_SERVER_DEV_MODE=1 "
+                            "and serve a model of the policy's architecture") from None
+        diff = check_probe(client, tokenizer, policy, runtime, compare_logprobs=True, temperature=ro.temperature)
+        log.info("rollout: %s generates as %r; weights pushed in %.2f s; probe log-probs match the policy's (mean |difference| %.2e)",
+                 url, client.model, stats["time/weight_sync"], diff)
+    except BaseException as e:
+        backend.close()
+        if isinstance(e, ReferenceFailure):
+            raise UserError(f"the rollout server at {url} failed its start-up checks: {e}") from None
+        raise
+    return backend
