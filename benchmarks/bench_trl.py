@@ -6,7 +6,8 @@ Both train a random-initialised model of the builtin shape (SmolLM2-135M) with i
 weights never say eos, so every completion runs to the length limit and both trainers do exactly the same
 work. Same prompts (builtin arithmetic), samples per prompt, response length, temperature 0.7, top_p 1, no
 top-k, no penalties, beta 0, fp32, full fine-tuning, learning rate, one optimizer step per rollout batch, one
-micro-batch per step. A third row runs ours with a launched vLLM reference (beta 0.05) to show its cost.
+micro-batch per step. A third row runs ours with a launched vLLM reference (beta 0.05) to show its cost, a
+fourth ours with rollouts on a launched vLLM server (--rollout_backend vllm, weights synced every step).
 
 For each: completions/s, seconds per step split into generation / reference+scoring / update (the first step,
 warm-up, left out; medians), peak RSS of the whole process tree. Then the ratio, and the step's floor on this
@@ -35,7 +36,7 @@ def settings(args) -> dict:
             "temperature": 0.7, "top_p": 1.0, "beta": 0.0, "seed": 1, "dtype": getattr(args, "dtype", "float32")}
 
 
-def ours_args(s: dict, model_dir: str, out: str, name: str, reference: str = "none") -> list[str]:
+def ours_args(s: dict, model_dir: str, out: str, name: str, reference: str = "none", rollout: str = "hf") -> list[str]:
     batch = s["prompts"] * s["samples"]
     args = ["--model_name_or_path", model_dir, "--train_mode", "full", "--policy_dtype", s["dtype"],
             "--num_unique_prompts_rollout", str(s["prompts"]), "--num_samples_per_prompt_rollout", str(s["samples"]),
@@ -49,6 +50,8 @@ def ours_args(s: dict, model_dir: str, out: str, name: str, reference: str = "no
         args += ["--beta", str(s["beta"]), "--reference_mode", "none"]
     else:
         args += ["--beta", "0.05", "--reference_mode", reference, "--reference_launch_port", "8541"]
+    if rollout == "vllm":
+        args += ["--rollout_backend", "vllm", "--rollout_vllm_port", "8542"]
     return args
 
 
@@ -93,14 +96,15 @@ def watch(command: list[str], cwd: str, env: dict | None = None) -> tuple[subpro
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr), peak
 
 
-def run_ours(s: dict, model_dir: str, out: str, name: str, reference: str = "none") -> dict:
-    done, peak = watch([sys.executable, "-m", "open_instruct2.train_grpo", *ours_args(s, model_dir, out, name, reference)], ROOT)
+def run_ours(s: dict, model_dir: str, out: str, name: str, reference: str = "none", rollout: str = "hf") -> dict:
+    done, peak = watch([sys.executable, "-m", "open_instruct2.train_grpo", *ours_args(s, model_dir, out, name, reference, rollout)], ROOT)
     if done.returncode != 0:
         raise SystemExit(f"ours ({name}) failed: {done.stderr[-2000:]}")
     lines = [json.loads(line) for line in open(os.path.join(out, name, "metrics.jsonl")) if '"reward/mean"' in line][1:]
     median = lambda key: statistics.median(m.get(key, 0.0) for m in lines)  # noqa: E731
     return {"step": median("time/step"), "generation": median("time/rollout"), "reference": median("time/reference") + median("time/reward"),
-            "update": median("time/update"), "peak_mb": peak, "tokens": median("rollout/response_length_mean")}
+            "update": median("time/update"), "peak_mb": peak, "tokens": median("rollout/response_length_mean"),
+            "sync": median("time/weight_sync")}
 
 
 def trl_child(s: dict, model_dir: str, out: str) -> None:
@@ -194,7 +198,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--skip-vllm", action="store_true", help="leave out the launched-vLLM-reference row")
+    parser.add_argument("--skip-vllm", action="store_true", help="leave out the rows with a launched vLLM server")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="precision of both trainers (bfloat16: only where the CPU has native bf16, see bench_dtype.py)")
     args = parser.parse_args()
@@ -215,6 +219,7 @@ def main() -> None:
     rows["ours (no reference)"] = run_ours(s, model_dir, os.path.join(work, "ours"), "ours")
     if not args.skip_vllm:
         rows["ours + launched vLLM reference (beta 0.05)"] = run_ours(s, model_dir, os.path.join(work, "ours"), "ours_vllm", "launch_local_vllm")
+        rows["ours, rollouts on a launched vLLM server"] = run_ours(s, model_dir, os.path.join(work, "ours"), "ours_vllm_rollouts", rollout="vllm")
     rates = machine_rates()
     floor = floors(s, rates, params, prompt_tokens)
     batch = s["prompts"] * s["samples"]
@@ -228,6 +233,11 @@ def main() -> None:
     ours, trl = rows["ours (no reference)"], rows["TRL GRPOTrainer"]
     print(f"\nratio (ours / TRL, completions/s): {trl['step'] / ours['step']:.2f}x; peak RSS {ours['peak_mb']:.0f} vs {trl['peak_mb']:.0f} MB; "
           f"mean completion length ours {ours['tokens']:.0f}, TRL {trl['tokens']:.0f} tokens (equal work when both are {s['length']})")
+    vllm = rows.get("ours, rollouts on a launched vLLM server")
+    if vllm:
+        print(f"rollouts on vLLM vs HF generate (ours, same settings): generation {vllm['generation']:.2f} vs {ours['generation']:.2f} s/step "
+              f"({ours['generation'] / vllm['generation']:.2f}x, weight sync {vllm['sync']:.2f} s of it), completions/s "
+              f"{batch / vllm['step']:.3f} vs {batch / ours['step']:.3f} ({ours['step'] / vllm['step']:.2f}x), peak RSS {vllm['peak_mb']:.0f} vs {ours['peak_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def step_metrics(scores: Scores, rollouts: Rollouts, selected: LossRows, group: 
         **{f"time/{k}": v for k, v in seconds.items()},
         "time/step": sum(seconds.values()),
         **(scores.metrics or {}),
+        **(rollouts.stats or {}),
     }
     if filtering:
         metrics["rollout/filtered_group_fraction"] = metrics["rollout/zero_std_group_fraction"]
@@ -71,7 +72,9 @@ def update_note(metrics: dict[str, float], selected: LossRows) -> str | None:
     if metrics.get("train/optimizer_steps", 0.0) == 0.0:
         return "no update: every group had equal rewards (no signal)"
     if metrics["rollout/zero_std_group_fraction"] == 1.0:
-        return "KL term only: every group had equal rewards"
+        if "train/kl" in metrics:
+            return "KL term only: every group had equal rewards"
+        return "no signal: every group had equal rewards (zero gradient; AdamW's momentum still moved the weights)"
     return None
 
 

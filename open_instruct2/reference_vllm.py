@@ -230,8 +230,6 @@ class VLLMServer:
             # the server gets every core the trainer may use (1.8x faster scoring on 2 cores).
             cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
-            # Its OpenMP threads would spin on those cores after each request, while the trainer updates.
-            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         return env
 
     def start(self, client: VLLMClient) -> None:
@@ -396,9 +394,11 @@ def pick_served_model(models: list[dict], wanted: str | None, url: str) -> dict:
     return models[0]
 
 
-def check_probe(client: VLLMClient, tokenizer, policy, runtime: Runtime, compare_logprobs: bool, temperature: float = 1.0) -> float | None:
+def check_probe(client: VLLMClient, tokenizer, policy, runtime: Runtime, compare_logprobs: bool, temperature: float = 1.0,
+                role: str = "reference", tolerance: float = 0.1) -> float | None:
     """The server must decode our token ids as our tokenizer does, and (when the reference is the policy's
-    starting model) give the policy's log-probs at the sampling temperature. Returns the mean |difference|."""
+    starting model) give the policy's log-probs at the sampling temperature, within `tolerance` on average
+    (bf16 kernels differ more than fp32 ones). Returns the mean |difference|."""
     ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
     [entries] = client.prompt_logprobs([ids])
     for t in range(1, len(ids)):
@@ -407,7 +407,7 @@ def check_probe(client: VLLMClient, tokenizer, policy, runtime: Runtime, compare
         if served is None or served.get("decoded_token") not in (None, ours):
             got = None if served is None else served.get("decoded_token")
             raise UserError(
-                f"the reference server's tokenizer differs from the policy's (token id {ids[t]} is {got!r} there, {ours!r} here); "
+                f"the {role} server's tokenizer differs from the policy's (token id {ids[t]} is {got!r} there, {ours!r} here); "
                 "serve a model with the policy's tokenizer"
             )
     if not compare_logprobs:
@@ -425,16 +425,16 @@ def check_probe(client: VLLMClient, tokenizer, policy, runtime: Runtime, compare
         return values
 
     diff = float((served - policy_logprobs(temperature)).abs().mean())
-    if diff > 0.1 and temperature != 1.0 and float((served - policy_logprobs(1.0)).abs().mean()) <= 0.1:
+    if diff > tolerance and temperature != 1.0 and float((served - policy_logprobs(1.0)).abs().mean()) < diff / 2:
         from .vllm_plugin import ENV
 
         raise UserError(
-            f"the reference server gives log-probs at temperature 1, but rollouts are sampled at --temperature {temperature:g}; "
+            f"the {role} server gives log-probs at temperature 1, but rollouts are sampled at --temperature {temperature:g}; "
             f"start it with {ENV}={temperature:g} in its environment (open-instruct2 installed beside vLLM), or train with --temperature 1"
         )
-    if diff > 0.1:
+    if diff > tolerance:
         raise UserError(
-            f"the reference server's model does not compute the policy's log-probs (mean |difference| {diff:.3f} on a probe); "
+            f"the {role} server's model does not compute the policy's log-probs (mean |difference| {diff:.3f} on a probe); "
             "serve the policy's starting model, or name the intended one with --reference_model_name_or_path"
         )
     return diff

@@ -22,6 +22,7 @@ file write and read per step (0.5 GB for a 135M model in fp32; measured in the R
 
 import logging
 import os
+import shutil
 import time
 
 import torch
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 ROLLOUT_NAME = "open-instruct2-policy"
 API_KEY_ENV = "OPEN_INSTRUCT2_ROLLOUT_API_KEY"
 GENERATION_TIMEOUT_S = 1800.0
+# Mean |log-prob difference| on the start-up probe above which the rollout server is not the policy (a wrong
+# temperature gives ~0.5 and more). Kernels alone differ: 1e-5 in fp32, ~0.1 between bf16 HF and bf16 vLLM
+# on CPU, which the importance weights correct (and train/sampler_mismatch_* shows).
+PROBE_TOLERANCE = 0.3
 
 
 class RolloutFailure(Exception):
@@ -165,16 +170,19 @@ class VLLMRollouts:
 
     def generate(self, batch: PromptBatch, *, num_samples: int, seed: int) -> Rollouts:
         ro = self.cfg.rollout
-        stats = self.sync() if self.stale else {}
         prompts = [p.prompt_ids for p in batch.prompts]
         payload = {
             "model": self.client.model, "prompt": prompts, "n": num_samples, "max_tokens": ro.response_length,
             "temperature": 1.0,  # the server's logits are already divided by --temperature (vllm_plugin.py)
             "top_p": ro.top_p, "seed": seed, "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True,
             "stop": ro.stop_strings or [], "include_stop_str_in_output": True, "stop_token_ids": self.eos, "ignore_eos": False,
+            # an endpoint may fill unset fields from the model's generation_config.json: set every one that changes sampling
+            "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_tokens": 0,
         }
+        stats = {}
         try:
             try:
+                stats = self.sync() if self.stale else {}
                 reply = self.client._request("POST", "/v1/completions", payload)
             except ReferenceUnavailable as e:
                 if self.server is None:
@@ -210,7 +218,7 @@ def rollout_server(cfg: Config, model_path: str, log_path: str, policy_dtype: to
     )
 
 
-def make_vllm_rollouts(cfg: Config, runtime: Runtime, run_dir: str, policy, tokenizer) -> VLLMRollouts:
+def make_vllm_rollouts(cfg: Config, runtime: Runtime, policy, tokenizer, run_dir: str) -> VLLMRollouts:
     """Launch (or connect to) the rollout server, check it, and give it the policy's weights."""
     ro, ref = cfg.rollout, cfg.reference
     server = None
@@ -231,16 +239,19 @@ def make_vllm_rollouts(cfg: Config, runtime: Runtime, run_dir: str, policy, toke
     backend = VLLMRollouts(cfg, policy, tokenizer, runtime, client, server, os.path.join(run_dir, "rollout_weights"))
     try:
         client.model = pick_served_model(client.models(), wanted, url)["id"]
-        try:
-            stats = backend.sync()  # the policy's weights (a resumed run's, an endpoint's unknown ones)
-        except UserError as e:
-            raise UserError(f"the rollout server at {url} did not take the policy's weights ({e}); it must run with VLLM_SERVER_DEV_MODE=1 "
-                            "and serve a model of the policy's architecture") from None
-        diff = check_probe(client, tokenizer, policy, runtime, compare_logprobs=True, temperature=ro.temperature)
-        log.info("rollout: %s generates as %r; weights pushed in %.2f s; probe log-probs match the policy's (mean |difference| %.2e)",
-                 url, client.model, stats["time/weight_sync"], diff)
+        pushed = ""
+        if server is None:  # an endpoint serves weights we do not know: give it the policy's (a launched one has them)
+            try:
+                pushed = f"; weights pushed in {backend.sync()['time/weight_sync']:.2f} s"
+            except UserError as e:
+                raise UserError(f"the rollout server at {url} did not take the policy's weights ({e}); it must run with VLLM_SERVER_DEV_MODE=1 "
+                                "and serve a model of the policy's architecture") from None
+        diff = check_probe(client, tokenizer, policy, runtime, compare_logprobs=True, temperature=ro.temperature, role="rollout",
+                           tolerance=PROBE_TOLERANCE)
+        log.info("rollout: %s generates as %r%s; probe log-probs match the policy's (mean |difference| %.2e)", url, client.model, pushed, diff)
     except BaseException as e:
         backend.close()
+        shutil.rmtree(backend.weights_dir, ignore_errors=True)
         if isinstance(e, ReferenceFailure):
             raise UserError(f"the rollout server at {url} failed its start-up checks: {e}") from None
         raise

@@ -21,7 +21,7 @@ import torch
 
 from . import checkpoint, verifiers
 from .config import Config, Derived, chat_template_kwargs, check_run_dir_free, derive, judge_wanted
-from .data import Prompt, PromptSampler, build_prompts, next_batch, read_system_prompt, set_chat_template
+from .data import Prompt, PromptBatch, PromptSampler, build_prompts, next_batch, read_system_prompt, set_chat_template
 from .losses import compute_advantages
 from .policy import MasterWeights, load_policy, load_tokenizer, optimizer_groups, trainable_parameters
 from .reference import Reference, make_reference
@@ -35,6 +35,7 @@ from .rewards import Scores, compute_scores
 from .rubrics import RUBRIC_VERIFIERS, RubricScorer, append_records, judge_failed_entirely, make_judges, rubric_inputs, score_batch
 from .verifiers import final_answer
 from .rollout import Rollouts, generate_rollouts, ignored_generation_settings
+from .rollout_vllm import RolloutFailure, VLLMRollouts, make_vllm_rollouts
 from .runtime import Runtime, apply_runtime, resolve_runtime, resolved_summary
 from .tracking import Tracker, dump_rollouts
 from .metrics import print_eval_table, sample_rows, step_metrics, update_note, warn_truncation
@@ -68,6 +69,8 @@ class Run:
     """The step a resumed run continues after (0: a new run)."""
     rubric_buffer: dict | None = None
     """Per-prompt rubric lists (plain JSON), saved with the training state; None until rubrics are on."""
+    rollout_server: VLLMRollouts | None = None
+    """--rollout_backend vllm: the vLLM server that samples rollouts (rollout_vllm.py); None: HF generate here."""
     nonfinite_streak: int = 0
     """Steps in a row whose update was skipped for a non-finite loss or gradient."""
     rubrics: RubricScorer | None = None
@@ -106,11 +109,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     group = cfg.rollout.num_samples_per_prompt_rollout
     batch = next_batch(run.prompts, run.sampler, cfg.rollout.num_unique_prompts_rollout)
     with timer("rollout"):
-        rollouts = generate_rollouts(
-            run.policy, run.tokenizer, batch, num_samples=group, response_length=cfg.rollout.response_length,
-            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, stop_strings=cfg.rollout.stop_strings,
-            device=run.runtime.device,
-        )
+        rollouts = generate(run, batch)
     with timer("reward"):
         scores = score(run, step, rollouts, batch.prompts)
     advantages = compute_advantages(scores.rewards, group, cfg.optim.advantage_normalization_type, scores.valid).to(run.runtime.device)
@@ -146,6 +145,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> str:
                 metrics = train_step(run, step)
             except ReferenceFailure as e:
                 raise UserError(f"the reference failed at step {step} ({e}); {save_progress(run, step - 1)}") from None
+            except RolloutFailure as e:
+                raise UserError(f"the vLLM rollout server failed at step {step} ({e}); {save_progress(run, step - 1)}") from None
             save_due(run, step)
             check_streaks(run, step, metrics)
             evaluate_if_due(run, step)
@@ -162,6 +163,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> str:
             run.tracker.close()
             if run.reference is not None:
                 run.reference.close()
+            if run.rollout_server is not None:
+                run.rollout_server.close()
         if profiler is not None:
             profiler.stop()
     plot_run(run.derived.run_dir)
@@ -257,19 +260,35 @@ def record_step(run: Run, step: int, prompts: list[Prompt], rollouts: Rollouts, 
 
 
 def save_progress(run: Run, last_step: int) -> str:
-    """Before stopping on a reference failure: keep the training done so far as a checkpoint, and say
-    exactly what it holds (resuming a run is not available yet)."""
+    """Before stopping on a server failure: keep the training done so far as a checkpoint, and say exactly
+    what it holds, and where the newest resumable state is if there is one."""
     if last_step < 1:
-        return "no step had finished, nothing to save; fix the reference and rerun"
+        return "no step had finished, nothing to save; fix the server and rerun"
+    newest = checkpoint.newest_state(run.derived.run_dir)
+    if newest:
+        return f"the newest resumable state is {newest}: fix the server and rerun the same command to continue from it"
     folder = os.path.join(run.derived.run_dir, "checkpoints", f"step_{last_step}")
     if not os.path.isdir(folder):
         folder = checkpoint.save_checkpoint(run.policy, run.tokenizer, run.derived.run_dir, last_step, -1)
     held = "the LoRA adapter and tokenizer" if run.cfg.lora.train_mode == "lora" else "the model weights and tokenizer"
     return (f"{folder} holds {held} after step {last_step}, but no optimizer state, learning-rate schedule or data position "
-            "(resuming a run is not available yet): fix the reference, then start a new run from those weights")
+            "(--checkpoint_state_freq saves resumable states): fix the server, then start a new run from those weights")
 
 
 # ---------------------------------------------------------------- phases
+
+
+def generate(run: Run, batch: PromptBatch) -> Rollouts:
+    """Sample the step's responses: HF generate in this process, or the vLLM rollout server (which first
+    takes the policy's weights if an optimizer step changed them; its seed is drawn from the run's RNG)."""
+    ro = run.cfg.rollout
+    if run.rollout_server is not None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        return run.rollout_server.generate(batch, num_samples=ro.num_samples_per_prompt_rollout, seed=seed)
+    return generate_rollouts(
+        run.policy, run.tokenizer, batch, num_samples=ro.num_samples_per_prompt_rollout, response_length=ro.response_length,
+        temperature=ro.temperature, top_p=ro.top_p, stop_strings=ro.stop_strings, device=run.runtime.device,
+    )
 
 
 def score(run: Run, step: int, rollouts: Rollouts, prompts: list[Prompt]) -> Scores:
@@ -384,9 +403,14 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
     policy = load_policy(cfg, runtime)
     created = not os.path.exists(derived.run_dir)
     resume_from = make_run_dir(derived.run_dir, cfg.experiment.resume)
+    reference = rollout_server = None
     try:
         reference = make_reference(cfg, runtime, policy, tokenizer, derived.run_dir)
+        if cfg.rollout.rollout_backend == "vllm":
+            rollout_server = make_vllm_rollouts(cfg, runtime, policy, tokenizer, derived.run_dir)
     except BaseException:
+        if reference is not None:
+            reference.close()
         if created and not os.listdir(derived.run_dir):  # a refused endpoint or a busy port leaves no empty run folder
             os.rmdir(derived.run_dir)
         raise
@@ -423,4 +447,7 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
     if resume_from:
         run.start_step = state.restore(run, resume_from)
         log.info("resume: continuing %s from step %d (state %s)", derived.run_dir, run.start_step, resume_from)
+    run.rollout_server = rollout_server
+    if resume_from and rollout_server is not None:
+        rollout_server.weights_changed()  # it gets the restored weights before it generates
     return run

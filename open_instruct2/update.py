@@ -99,6 +99,8 @@ def update_policy(run, rollouts: Rollouts, advantages: torch.Tensor, ref_logprob
                 continue
             sums["grad_norm"] += grad_norm
             steps += 1
+    if steps and getattr(run, "rollout_server", None) is not None:
+        run.rollout_server.weights_changed()  # the vLLM server takes the new weights before it next generates
     values = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # the one host sync of the update
     tokens = max(values.pop("tokens"), 1.0)
     metrics = {"train/optimizer_steps": float(steps), "train/nonfinite_updates": values.pop("nonfinite_updates", 0.0)}

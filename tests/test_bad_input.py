@@ -85,6 +85,15 @@ def cases(tmp_path, tiny_model_dir):
                                  "does not answer /health"),
         "port in use": (["--reference_mode", "launch_local_vllm", "--reference_launch_port", str(busy_port)],
                         "already in use" if importlib.util.find_spec("vllm") else "needs vLLM"),
+        "rollout server unreachable": (["--rollout_backend", "vllm", "--rollout_vllm_endpoint", f"http://127.0.0.1:{dead_port}"],
+                                       "does not answer /health"),
+        "rollout port in use": (["--rollout_backend", "vllm", "--rollout_vllm_port", str(busy_port)],
+                                "already in use" if importlib.util.find_spec("vllm") else "vLLM is not installed"),
+        "rollout and reference on one port": (["--rollout_backend", "vllm", "--reference_mode", "launch_local_vllm", "--reference_launch_port", "8001"],
+                                              "need different ports"),
+        "rollout server as reference": (["--rollout_backend", "vllm", "--rollout_vllm_endpoint", "http://127.0.0.1:8000", "--reference_mode",
+                                         "endpoint_vllm", "--reference_endpoint", "http://127.0.0.1:8000/"], "cannot also be the frozen reference"),
+        "importance cap below 1": (["--rollout_backend", "vllm", "--importance_sampling_cap", "0.5"], "0 (off) or >= 1"),
     }
 
 

@@ -178,3 +178,45 @@ def test_invalid_samples_leave_their_group_statistics():
     assert adv[4:].tolist() == [0.0] * 4
     assert L.zero_std_groups(rewards, 4, valid).tolist() == [False] * 4 + [True] * 4
     assert L.zero_std_groups(torch.tensor([1.0, 2.0]), 2, torch.tensor([True, False])).tolist() == [True, True]  # one valid: no group
+
+
+def test_importance_weights_token_and_sequence_level_by_hand():
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
+    sampler = torch.tensor([[-1.5, -1.0, -3.0], [-0.5, -1.2, -9.0]])  # last entry is padding
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    w, capped = L.importance_weights(old, sampler, mask, cap=1.5, level="token")
+    expected = [[min(math.exp(0.5), 1.5), math.exp(-1.0), 1.0], [math.exp(-0.5), math.exp(0.2), 1.0]]
+    torch.testing.assert_close(w, torch.tensor(expected), rtol=1e-6, atol=0)
+    assert capped.tolist() == [[True, False, False], [False, False, False]]  # padding never counts
+    w, capped = L.importance_weights(old, sampler, mask, cap=1.5, level="sequence")
+    assert w[0].tolist() == pytest.approx([math.exp(-0.5)] * 3, rel=1e-6)  # exp(0.5 - 1 + 0)
+    assert w[1, :2].tolist() == pytest.approx([math.exp(-0.3)] * 2, rel=1e-6) and not capped.any()
+    w, capped = L.importance_weights(old, sampler + 100.0, mask, cap=3.0, level="sequence")  # no overflow: clamped in log space
+    assert torch.isfinite(w).all()
+    w, capped = L.importance_weights(old, sampler - 100.0, mask, cap=3.0, level="sequence")
+    assert w[0].tolist() == pytest.approx([3.0] * 3) and capped[0].all()
+    w, capped = L.importance_weights(old, sampler - 100.0, mask, cap=0.0, level="token")  # off
+    assert (w == 1).all() and not capped.any()
+
+
+def test_loss_with_sampler_logprobs_weights_the_policy_gradient_only():
+    torch.manual_seed(0)
+    logprobs = (torch.randn(2, 4) - 2).requires_grad_()
+    ref = torch.randn(2, 4) - 2
+    adv = torch.tensor([1.0, -0.5])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    norm = L.LossNorm(num_tokens=7, num_sequences=2, max_response_length=4)
+    kwargs = dict(clip_lower=0.2, clip_higher=0.2, beta=0.0, kl_estimator="kl3", aggregation="token_mean")
+    plain, _ = L.grpo_loss(logprobs, logprobs.detach(), ref, adv, mask, norm, **kwargs)
+    same, metrics = L.grpo_loss(logprobs, logprobs.detach(), ref, adv, mask, norm, sampler_logprobs=logprobs.detach(),
+                                importance_cap=2.0, **kwargs)
+    assert same.item() == pytest.approx(plain.item()) and metrics["sampler_mismatch_max"].item() == 0.0
+    sampler = logprobs.detach() - 0.1  # the sampler found every token a little less likely: weight e^0.1
+    weighted, metrics = L.grpo_loss(logprobs, logprobs.detach(), ref, adv, mask, norm, sampler_logprobs=sampler, importance_cap=2.0, **kwargs)
+    assert weighted.item() == pytest.approx(plain.item() * math.exp(0.1), rel=1e-5)
+    assert metrics["sampler_mismatch_mean"].item() == pytest.approx(0.7, rel=1e-5)  # a sum over 7 tokens of 0.1
+    assert metrics["importance_weight"].item() == pytest.approx(7 * math.exp(0.1), rel=1e-5)
+    kl_only = dict(kwargs, beta=0.1)
+    a, _ = L.grpo_loss(logprobs, logprobs.detach(), ref, torch.zeros(2), mask, norm, **kl_only)
+    b, _ = L.grpo_loss(logprobs, logprobs.detach(), ref, torch.zeros(2), mask, norm, sampler_logprobs=sampler - 5, importance_cap=2.0, **kl_only)
+    assert a.item() == pytest.approx(b.item())  # the KL term is not weighted

