@@ -189,6 +189,8 @@ class RolloutConfig:
     """vllm backend, GPU: fraction of the GPU the launched rollout server may take; default sized from the model (2 x weights + 2 GiB)."""
     rollout_vllm_extra_args: Optional[str] = None
     """vllm backend: extra command-line arguments for the launched rollout server, as one shell-quoted string."""
+    rollout_vllm_lora_sync: Literal["auto", "merged", "adapter"] = "auto"
+    """vllm backend with --train_mode lora: 'merged' writes the merged weights and reloads them; 'adapter' saves only the adapter and loads it into the server by name (/v1/load_lora_adapter; the server runs with --enable-lora). auto = adapter on a GPU, merged on CPU (vLLM's CPU LoRA kernels generate ~4x slower than merged weights here)."""
     importance_sampling_cap: float = 2.0
     """vllm backend: truncated importance sampling. Each policy-gradient term is weighted by min(exp(trainer log-prob - server log-prob), cap) of the sampled token (or sequence), correcting for the sampler not being exactly the trainer's model; 0 = no correction (the mismatch is still logged)."""
     importance_sampling_level: Literal["token", "sequence"] = "token"

@@ -76,7 +76,7 @@ class VLLMClient:
         self.model: str | None = None
         self.session = requests.Session()
 
-    def _request(self, method: str, path: str, payload: dict | None = None, retries: int | None = None) -> dict:
+    def _request(self, method: str, path: str, payload: dict | None = None, retries: int | None = None, json_reply: bool = True) -> dict:
         retries = self.max_retries if retries is None else retries
         url = f"{self.base_url}{path}"
         problem = ""
@@ -99,6 +99,8 @@ class VLLMClient:
             if response.status_code >= 400:
                 detail = _error_detail(response)
                 raise UserError(f"the vLLM server at {self.base_url} refused {path} (HTTP {response.status_code}: {detail})")
+            if not json_reply:  # admin routes answer plain text
+                return {"text": response.text}
             try:
                 return response.json()
             except ValueError:
@@ -208,6 +210,8 @@ class VLLMServer:
             self.command += ["--gpu-memory-utilization", f"{gpu_fraction:.3f}", "--tensor-parallel-size", str(tensor_parallel_size)]
         if extra_args:
             self.command += shlex.split(extra_args)
+        self.extra_env: dict[str, str] = {}
+        """Variables added to the server's environment."""
         self.process: subprocess.Popen | None = None
         atexit.register(self.stop)
 
@@ -224,6 +228,7 @@ class VLLMServer:
         env.pop(TEMPERATURE_ENV, None)
         if self.temperature != 1.0:
             env[TEMPERATURE_ENV] = repr(self.temperature)  # log-probs at the sampling temperature (vllm_plugin.py)
+        env.update(self.extra_env)
         if self.on_cpu:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; the reference needs little KV cache
             # vLLM's default binds one core and reserves the rest; scoring and training never overlap, so

