@@ -210,6 +210,8 @@ class VLLMServer:
             self.command += ["--gpu-memory-utilization", f"{gpu_fraction:.3f}", "--tensor-parallel-size", str(tensor_parallel_size)]
         if extra_args:
             self.command += shlex.split(extra_args)
+        self.relaunches = 0
+        """Times it was relaunched after dying mid-run."""
         self.extra_env: dict[str, str] = {}
         """Variables added to the server's environment."""
         self.process: subprocess.Popen | None = None
@@ -261,6 +263,13 @@ class VLLMServer:
             time.sleep(0.5)
         self.stop()
         raise UserError(f"the vLLM {self.role} server was not healthy within --reference_startup_timeout_s {self.startup_timeout_s:g}; see {self.log_path} or raise the timeout")
+
+    def relaunch(self, client: VLLMClient, problem: Exception) -> None:
+        """Mid-run, the server stopped answering: stop what is left of it and start it again."""
+        self.relaunches += 1
+        log.warning("%s: %s; relaunching the vLLM %s server (relaunch %d) and retrying", self.role, problem, self.role, self.relaunches)
+        self.stop()
+        self.start(client)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -356,7 +365,6 @@ class VLLMReference:
 
     def __init__(self, client: VLLMClient, server: VLLMServer | None):
         self.client, self.server = client, server
-        self.relaunches = 0
 
     def logprobs(self, rollouts: Rollouts, rows: list[int]) -> torch.Tensor:
         sequences, starts, lengths = [], [], []
@@ -372,10 +380,7 @@ class VLLMReference:
             except ReferenceUnavailable as e:
                 if self.server is None:
                     raise
-                self.relaunches += 1
-                log.warning("reference: %s; relaunching the vLLM server (relaunch %d) and retrying the batch", e, self.relaunches)
-                self.server.stop()
-                self.server.start(self.client)
+                self.server.relaunch(self.client, e)
                 scores = self.client.score(sequences, starts)
         except UserError as e:  # a refusal (4xx) or a failed relaunch mid-run: the trainer saves progress
             raise ReferenceBadReply(str(e)) from None

@@ -154,7 +154,6 @@ class VLLMRollouts:
         self.adapters = adapters
         """True: the policy's LoRA adapter is loaded into the server by name; False: full (merged) weights are reloaded."""
         self.stale = False
-        self.relaunches = 0
         self.version = 0
         self.adapter_name: str | None = None
         self.eos = sorted(_eos_ids(policy, tokenizer))
@@ -221,17 +220,14 @@ class VLLMRollouts:
             except ReferenceUnavailable as e:
                 if self.server is None:
                     raise
-                self.relaunches += 1
-                log.warning("rollout: %s; relaunching the vLLM rollout server (relaunch %d), pushing the weights and retrying", e, self.relaunches)
-                self.server.stop()
-                self.server.start(self.client)
-                self.adapter_name = None  # a new server has no adapter loaded
+                self.server.relaunch(self.client, e)
+                self.adapter_name = None  # a new server has the starting weights and no adapter: push the current ones
                 stats = self.sync()
                 reply = self.client._request("POST", "/v1/completions", payload())
             rollouts = rollouts_from_choices(reply.get("choices") or [], prompts, num_samples, self.tokenizer, ro.response_length, self.runtime.device)
         except (ReferenceFailure, UserError) as e:
             raise RolloutFailure(str(e)) from None
-        rollouts.stats = {**stats, "rollout/server_relaunches": float(self.relaunches)}
+        rollouts.stats = {**stats, "rollout/server_relaunches": float(self.server.relaunches if self.server else 0)}
         return rollouts
 
     def close(self) -> None:

@@ -295,28 +295,36 @@ def wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_launch_local_vllm_survives_a_killed_server(tmp_path):
-    """launch_local_vllm end to end: the server is killed after step 1, relaunched, and the run completes.
-    The key is in no command line, log, config or TensorBoard file, and no server process is left."""
-    port = free_port()
-    args = e2e_args(tmp_path, "--reference_mode", "launch_local_vllm", "--reference_launch_port", port,
-                    "--reference_api_key", API_KEY, "--num_training_steps", "3", "--filter_zero_std_groups", "false")
+def run_killing_the_server_after_step_1(args, tmp_path):
+    """Run the trainer; once step 1 is logged, SIGKILL its (one) launched vLLM server and its workers.
+    Returns (finished process, stdout, stderr, the killed server's psutil.Process, its command line)."""
     proc = subprocess.Popen([sys.executable, "-m", "open_instruct2.train_grpo", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ})
     try:
         metrics = tmp_path / "out" / "r" / "metrics.jsonl"
         wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 600, "step 1")
         [server] = vllm_children(proc.pid)
-        assert API_KEY not in " ".join(server.cmdline())
-        family = [server, *server.children(recursive=True)]
-        for p in family:
+        server_cmdline = server.cmdline()
+        for p in [server, *server.children(recursive=True)]:
             p.kill()
         stdout, stderr = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
             proc.kill()
+    return proc, stdout, stderr, server, " ".join(server_cmdline)
+
+
+def test_launch_local_vllm_survives_a_killed_server(tmp_path):
+    """launch_local_vllm end to end: the server is killed after step 1, relaunched, and the run completes.
+    The key is in no command line, log, config or TensorBoard file, and no server process is left."""
+    port = free_port()
+    args = e2e_args(tmp_path, "--reference_mode", "launch_local_vllm", "--reference_launch_port", port,
+                    "--reference_api_key", API_KEY, "--num_training_steps", "3", "--filter_zero_std_groups", "false")
+    proc, stdout, stderr, server, command = run_killing_the_server_after_step_1(args, tmp_path)
+    metrics = tmp_path / "out" / "r" / "metrics.jsonl"
+    assert API_KEY not in command
     assert proc.returncode == 0, stderr[-3000:]
-    assert "relaunching the vLLM server" in stdout
+    assert "relaunching the vLLM reference server" in stdout
     assert len(metrics.read_text().splitlines()) == 3
     assert not psutil.pid_exists(server.pid) or server.status() == psutil.STATUS_ZOMBIE
     assert not [p for p in psutil.process_iter(["cmdline"]) if f"--port {port}" in " ".join(p.info["cmdline"] or [])]

@@ -7,8 +7,6 @@ server the way a user's run does, kills it mid-run, and checks the run survives.
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import psutil
@@ -20,7 +18,7 @@ from open_instruct2 import rollout_vllm as rv
 from open_instruct2.config import default_config
 from open_instruct2.reference_vllm import ReferenceFailure, VLLMClient
 from open_instruct2.runtime import resolve_runtime
-from test_reference_vllm import e2e_args, vllm_children, wait_for
+from test_reference_vllm import e2e_args, run_killing_the_server_after_step_1
 from test_rollout import batch_of
 from test_train_e2e import scalars
 from vllm_fixtures import API_KEY, free_port
@@ -161,19 +159,9 @@ def test_full_run_on_a_launched_server_that_dies_mid_run(tmp_path):
     args = e2e_args(tmp_path, "--rollout_backend", "vllm", "--rollout_vllm_port", port, "--policy_dtype", "float32",
                     "--reference_mode", "in_process", "--num_training_steps", "3", "--filter_zero_std_groups", "false",
                     "--learning_rate", "1e-5", "--num_evals", "0")
-    proc = subprocess.Popen([sys.executable, "-m", "open_instruct2.train_grpo", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        metrics_file = tmp_path / "out" / "r" / "metrics.jsonl"
-        wait_for(lambda: metrics_file.exists() and metrics_file.read_text().strip(), 600, "step 1")
-        [server] = vllm_children(proc.pid)
-        assert "VLLM_SERVER_DEV_MODE" not in " ".join(server.cmdline())
-        for p in [server, *server.children(recursive=True)]:
-            p.kill()
-        stdout, stderr = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, stdout, stderr, server, command = run_killing_the_server_after_step_1(args, tmp_path)
+    metrics_file = tmp_path / "out" / "r" / "metrics.jsonl"
+    assert "--served-model-name open-instruct2-policy" in command
     assert proc.returncode == 0, stderr[-3000:]
     assert "relaunching the vLLM rollout server" in stdout + stderr
     run_dir = tmp_path / "out" / "r"
