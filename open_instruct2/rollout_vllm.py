@@ -31,10 +31,10 @@ from .bootstrap import resolve_model_path
 from .config import Config
 from .data import PromptBatch
 from .errors import UserError
-from .reference_vllm import (ReferenceFailure, ReferenceUnavailable, VLLMClient, VLLMServer, check_probe, pick_served_model,
-                             reference_gpu_fraction)
 from .rollout import Rollouts, _eos_ids
 from .runtime import Runtime, cuda_available
+from .vllm_server import (ServerFailure, ServerUnavailable, VLLMClient, VLLMServer, check_probe, pick_served_model,
+                          reference_gpu_fraction)
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +99,17 @@ def rollouts_from_choices(choices: list[dict], prompts: list[list[int]], num_sam
     expected = len(prompts) * num_samples
     by_index = {c.get("index"): c for c in choices if isinstance(c, dict)}
     if sorted(by_index) != list(range(expected)):
-        raise ReferenceFailure(f"the rollout server answered {len(choices)} choices (indexes {sorted(by_index)[:8]}...) for {expected} samples")
+        raise ServerFailure(f"the rollout server answered {len(choices)} choices (indexes {sorted(by_index)[:8]}...) for {expected} samples")
     rows, logprobs, reasons = [], [], []
     for i in range(expected):
         choice = by_index[i]
         ids = choice.get("token_ids")
         values = (choice.get("logprobs") or {}).get("token_logprobs")
         if not isinstance(ids, list) or not isinstance(values, list) or len(ids) != len(values) or len(ids) > response_length:
-            raise ReferenceFailure(f"the rollout server's choice {i} has {type(ids).__name__} token_ids and {type(values).__name__} log-probs "
+            raise ServerFailure(f"the rollout server's choice {i} has {type(ids).__name__} token_ids and {type(values).__name__} log-probs "
                                    f"(lengths {len(ids) if isinstance(ids, list) else '-'}/{len(values) if isinstance(values, list) else '-'}, limit {response_length})")
         if any(v is None or v > 1e-3 for v in values):
-            raise ReferenceFailure(f"the rollout server's choice {i} has log-probs that are not log-probs: {values[:8]}")
+            raise ServerFailure(f"the rollout server's choice {i} has log-probs that are not log-probs: {values[:8]}")
         rows.append(ids)
         logprobs.append(values)
         reasons.append("length" if choice.get("finish_reason") == "length" else "stop")
@@ -191,7 +191,7 @@ class VLLMRollouts:
         if old is not None:
             try:
                 self.client._request("POST", "/v1/unload_lora_adapter", {"lora_name": old}, retries=0, json_reply=False)
-            except (ReferenceFailure, UserError) as e:  # a relaunched server never had it
+            except (ServerFailure, UserError) as e:  # a relaunched server never had it
                 log.debug("rollout: unloading %s: %s", old, e)
             shutil.rmtree(os.path.join(os.path.dirname(folder), f"v{self.version - 1}"), ignore_errors=True)
         return written
@@ -217,7 +217,7 @@ class VLLMRollouts:
             try:
                 stats = self.sync() if self.stale else {}
                 reply = self.client._request("POST", "/v1/completions", payload())
-            except ReferenceUnavailable as e:
+            except ServerUnavailable as e:
                 if self.server is None:
                     raise
                 self.server.relaunch(self.client, e)
@@ -225,7 +225,7 @@ class VLLMRollouts:
                 stats = self.sync()
                 reply = self.client._request("POST", "/v1/completions", payload())
             rollouts = rollouts_from_choices(reply.get("choices") or [], prompts, num_samples, self.tokenizer, ro.response_length, self.runtime.device)
-        except (ReferenceFailure, UserError) as e:
+        except (ServerFailure, UserError) as e:
             raise RolloutFailure(str(e)) from None
         rollouts.stats = {**stats, "rollout/server_relaunches": float(self.server.relaunches if self.server else 0)}
         return rollouts
@@ -276,7 +276,7 @@ def make_vllm_rollouts(cfg: Config, runtime: Runtime, policy, tokenizer, run_dir
         wanted = ROLLOUT_NAME
     else:
         url = ro.rollout_vllm_endpoint
-        client = VLLMClient(url, os.environ.get(API_KEY_ENV), timeout, ref.reference_max_retries)
+        client = VLLMClient(url, os.environ.get(API_KEY_ENV), timeout, ref.reference_max_retries, key_source=f"${API_KEY_ENV}")
         if not client.health():
             raise UserError(f"the rollout endpoint {url} does not answer /health; start the vLLM server or fix --rollout_vllm_endpoint")
         wanted = None
@@ -302,7 +302,7 @@ def make_vllm_rollouts(cfg: Config, runtime: Runtime, policy, tokenizer, run_dir
     except BaseException as e:
         backend.close()
         shutil.rmtree(backend.weights_dir, ignore_errors=True)
-        if isinstance(e, ReferenceFailure):
+        if isinstance(e, ServerFailure):
             raise UserError(f"the rollout server at {url} failed its start-up checks: {e}") from None
         raise
     return backend

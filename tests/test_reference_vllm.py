@@ -207,7 +207,10 @@ def test_a_launched_server_on_a_gpu_leaves_room_for_training(tmp_path, monkeypat
     assert rv.reference_gpu_fraction(str(model), 24 * gib)[0] == pytest.approx(8 / 24)
     assert rv.reference_gpu_fraction(str(model), 8 * gib)[0] == 0.9
     assert rv.reference_gpu_fraction("Qwen/Qwen3-0.6B", 80 * gib)[0] == 0.3  # not local: a fixed share
+    from open_instruct2 import vllm_server
+
     monkeypatch.setattr(rv, "cuda_available", lambda: True)
+    monkeypatch.setattr(vllm_server, "cuda_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 80 * gib})())
     command = rv.reference_server(default_config(), str(model), str(tmp_path / "log")).command
     assert command[command.index("--gpu-memory-utilization") + 1] == "0.100"

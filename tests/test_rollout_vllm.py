@@ -16,7 +16,7 @@ import torch
 from conftest import run_cli
 from open_instruct2 import rollout_vllm as rv
 from open_instruct2.config import default_config
-from open_instruct2.reference_vllm import ReferenceFailure, VLLMClient
+from open_instruct2.vllm_server import ServerFailure, VLLMClient
 from open_instruct2.runtime import resolve_runtime
 from test_reference_vllm import e2e_args, run_killing_the_server_after_step_1
 from test_rollout import batch_of
@@ -59,7 +59,7 @@ def test_rollouts_from_a_reply_have_the_hf_backends_shape(tokenizer):
     ([choice(0, [1]), choice(1, [2], logprob=0.7)], "not log-probs"),
 ])
 def test_a_bad_reply_is_refused(tokenizer, choices, needle):
-    with pytest.raises(ReferenceFailure, match=needle):
+    with pytest.raises(ServerFailure, match=needle):
         rv.rollouts_from_choices(choices, [[5]], 2, tokenizer, response_length=4, device="cpu")
 
 
@@ -189,3 +189,24 @@ def test_lora_adapter_sync_on_a_launched_server(tmp_path):
     assert (run_dir / "rollout_weights" / "v3" / "adapter_model.safetensors").is_file()
     log = (run_dir / "vllm_rollout.log").read_text()
     assert "--enable-lora" in log and "policy-v3" in log
+
+
+def test_a_resumed_run_samples_what_a_straight_run_samples(session_server_restored, builtin_model_dir, tmp_path):
+    """Stopped after step 2 and rerun, a run pushes its restored weights to the server before step 3, and the
+    seed comes from the restored RNG: step 3 samples the same tokens and ends with the same adapter."""
+    from conftest import tiny_config
+    from open_instruct2 import trainer
+    from test_resume import stopped_after, train_lines, weights
+
+    common = dict(run_name="s", rollout_backend="vllm", rollout_vllm_endpoint=session_server_restored, train_mode="lora", lora_r=4,
+                  num_training_steps=3, checkpoint_state_freq=2, beta=0.0, reference_mode="none", num_evals=0,
+                  filter_zero_std_groups=False, response_length=12)
+    straight = trainer.train(tiny_config(tmp_path / "a", builtin_model_dir, **common))
+    stopped_after(tiny_config(tmp_path / "b", builtin_model_dir, **common), 2)
+    resumed = trainer.train(tiny_config(tmp_path / "b", builtin_model_dir, **common))
+    a, b = train_lines(straight), train_lines(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3]
+    for key in ("reward/mean", "rollout/response_length_mean", "train/sampler_mismatch_mean"):
+        assert a[2][key] == pytest.approx(b[2][key], abs=1e-6), key
+    wa, wb = weights(straight), weights(resumed)
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
