@@ -73,11 +73,17 @@ def numbers_equal(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-6 * max(1.0, abs(b))
 
 
-@register("gsm8k", "The number after the last '####', else the last number in the text; commas, '$', trailing '.' and '.0' normalised; compared numerically. Numbers written in words score 0.")
-def verify_gsm8k(response: str, ground_truth: str) -> float:
+def gsm8k_truth(ground_truth: str) -> float:
+    """The number after the last '####' of a gsm8k ground truth (the whole text when there is none)."""
     truth = normalize_number(ground_truth.split("####")[-1])
     if truth is None:
         raise ValueError(f"gsm8k ground truth {ground_truth!r} is not a number")
+    return truth
+
+
+@register("gsm8k", "The number after the last '####', else the last number in the text; commas, '$', trailing '.' and '.0' normalised; compared numerically. Numbers written in words score 0.")
+def verify_gsm8k(response: str, ground_truth: str) -> float:
+    truth = gsm8k_truth(ground_truth)
     if "####" in response:
         found = numbers_in(response.rsplit("####", 1)[1])
         candidate = found[0] if found else None
@@ -90,9 +96,7 @@ def verify_gsm8k(response: str, ground_truth: str) -> float:
 
 @register("gsm8k_strict", "Only the number right after the last '####' counts (no fallback to the last number): the answer in the place the prompt asks for.")
 def verify_gsm8k_strict(response: str, ground_truth: str) -> float:
-    truth = normalize_number(ground_truth.split("####")[-1])
-    if truth is None:
-        raise ValueError(f"gsm8k ground truth {ground_truth!r} is not a number")
+    truth = gsm8k_truth(ground_truth)
     if "####" not in response:
         return 0.0
     after = response.rsplit("####", 1)[1].lstrip()
@@ -107,7 +111,7 @@ def verify_gsm8k_shaped(response: str, ground_truth: str) -> float:
         return 1.0
     found = numbers_in(response)
     value = normalize_number(found[-1]) if found else None
-    return 0.5 if value is not None and numbers_equal(value, normalize_number(ground_truth.split("####")[-1])) else 0.0
+    return 0.5 if value is not None and numbers_equal(value, gsm8k_truth(ground_truth)) else 0.0
 
 
 # ---------------------------------------------------------------- math
