@@ -54,18 +54,23 @@ def load_eval_prompts(cfg: Config, tokenizer, system_prompt: str | None, templat
 
 
 @torch.no_grad()
-def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batch_size: int) -> tuple[dict[str, float], list[dict]]:
-    """Greedy answers to every prompt; returns (eval/ metrics, one record per prompt)."""
+def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batch_size: int,
+             static_width: int | None = None) -> tuple[dict[str, float], list[dict]]:
+    """Greedy answers to every prompt; returns (eval/ metrics, one record per prompt). With a static cache the
+    last chunk is filled up to batch_size with repeats of its first prompt (answers dropped): one batch shape,
+    one compile."""
     texts, reasons, lengths = [], [], []
     for start in range(0, len(prompts), batch_size):
-
         chunk = prompts[start : start + batch_size]
+        n = len(chunk)
+        if static_width is not None and start > 0:
+            chunk = chunk + [chunk[0]] * (batch_size - n)
         r = generate_rollouts(policy, tokenizer, PromptBatch(chunk, list(range(len(chunk)))), num_samples=1,
                               response_length=cfg.rollout.response_length, temperature=1.0, top_p=1.0,
-                              stop_strings=cfg.rollout.stop_strings, device=device, greedy=True)
-        texts += r.response_texts
-        reasons += r.finish_reasons
-        lengths += r.response_lengths.tolist()
+                              stop_strings=cfg.rollout.stop_strings, device=device, greedy=True, static_width=static_width)
+        texts += r.response_texts[:n]
+        reasons += r.finish_reasons[:n]
+        lengths += r.response_lengths[:n].tolist()
     scores = compute_scores(texts, reasons, [p.verifiers for p in prompts], [p.ground_truth for p in prompts], cfg.reward)
     correct = (scores.verifier_scores >= 1.0).float()
     metrics = {

@@ -148,11 +148,12 @@ class Sampler(LogitsProcessor):
 
 
 def sampling_config(*, temperature: float, top_p: float, response_length: int, pad_token_id: int, eos_token_ids: list[int],
-                    greedy: bool = False) -> tuple[GenerationConfig, LogitsProcessorList | None]:
+                    greedy: bool = False, static_cache: bool = False) -> tuple[GenerationConfig, LogitsProcessorList | None]:
     """Exactly the sampling the flags name: temperature and top_p (Sampler), nothing else (no top-k, no
-    penalties); greedy (evaluation): the most likely token every time."""
+    penalties); greedy (evaluation): the most likely token every time. static_cache: a preallocated KV cache
+    (transformers compiles the decoding step over it on CUDA)."""
     config = GenerationConfig(do_sample=False, max_new_tokens=response_length, pad_token_id=pad_token_id,
-                              eos_token_id=eos_token_ids, use_cache=True)
+                              eos_token_id=eos_token_ids, use_cache=True, cache_implementation="static" if static_cache else None)
     return config, None if greedy else LogitsProcessorList([Sampler(temperature, top_p)])
 
 
@@ -191,6 +192,10 @@ def only_these_settings(model):
             h.generation_config = config
 
 
+STATIC_WIDTH_STEP = 64
+"""A static cache's prompt width, when a batch is wider than the run's: rounded up to a multiple of this."""
+
+
 @torch.no_grad()
 def generate_rollouts(
     model,
@@ -204,18 +209,26 @@ def generate_rollouts(
     stop_strings: list[str] | None,
     device: torch.device,
     greedy: bool = False,
+    static_width: int | None = None,
 ) -> Rollouts:
-    """Sample num_samples responses per prompt (greedy: decode the most likely tokens; evaluation)."""
+    """Sample num_samples responses per prompt (greedy: decode the most likely tokens; evaluation).
+    static_width: generate over a static KV cache with the prompts left-padded to this width (a longer batch
+    to the next multiple of STATIC_WIDTH_STEP), so that every batch of a run has one cache shape (on CUDA,
+    each new shape is a new compile); None: the dynamic cache, padded to the batch's longest prompt."""
     prompts = [p.prompt_ids for p in batch.prompts for _ in range(num_samples)]
     prompt_index = [i for i in range(len(batch.prompts)) for _ in range(num_samples)]
     width = max(len(p) for p in prompts)
+    static_cache = static_width is not None
+    if static_cache:
+        width = static_width if width <= static_width else -(-width // STATIC_WIDTH_STEP) * STATIC_WIDTH_STEP
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # (N, P)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     eos = sorted(_eos_ids(model, tokenizer))
     stopper = StopOnStrings(tokenizer, tuple(stop_strings), width, len(prompts), device) if stop_strings else None
     generation_config, sampler = sampling_config(
-        temperature=temperature, top_p=top_p, response_length=response_length, pad_token_id=pad, eos_token_ids=eos, greedy=greedy
+        temperature=temperature, top_p=top_p, response_length=response_length, pad_token_id=pad, eos_token_ids=eos, greedy=greedy,
+        static_cache=static_cache,
     )
     was_training = model.training
     model.eval()

@@ -31,6 +31,7 @@ import torch
 from .bootstrap import resolve_model_path
 from .config import Config
 from .data import PromptBatch
+from .generation_model import merged_state
 from .errors import UserError
 from .rollout import Rollouts, _eos_ids
 from .runtime import Runtime, cuda_available
@@ -55,25 +56,15 @@ class RolloutFailure(Exception):
 
 
 def policy_weights(policy) -> dict[str, torch.Tensor]:
-    """The policy's weights under the base model's names, as the server loads them. A PEFT model's LoRA
-    layers are merged into copies (W + delta, computed in fp32, stored in W's dtype); the model is not changed.
-    Tied weights are written once (the first name: the embedding)."""
-    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-    merged = {}
-    for name, module in base.named_modules():
-        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-            weight = module.base_layer.weight
-            delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters if a in module.lora_A)
-            merged[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
+    """The policy's weights under the base model's names, on the CPU, as the server loads them (LoRA layers
+    merged into copies: generation_model.merged_state; the model is not changed). Tied weights are written
+    once (the first name: the embedding)."""
     out, seen = {}, set()
-    for key, tensor in base.state_dict().items():
-        if "lora_" in key:
-            continue
-        key = key.replace(".base_layer.", ".")
-        if tensor.data_ptr() in seen and key not in merged:
+    for key, tensor in merged_state(policy).items():
+        if tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
-        out[key] = merged.get(key, tensor).detach().to("cpu").contiguous()
+        out[key] = tensor.to("cpu").contiguous()
     return out
 
 

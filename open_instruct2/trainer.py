@@ -34,6 +34,7 @@ from .reference_vllm import ReferenceFailure
 from .rewards import Scores, compute_scores
 from .rubrics import RUBRIC_VERIFIERS, RubricScorer, append_records, judge_failed_entirely, make_judges, rubric_inputs, score_batch
 from .verifiers import final_answer
+from .generation_model import GenerationModel, make_generation_model
 from .rollout import Rollouts, generate_rollouts, ignored_generation_settings
 from .rollout_vllm import RolloutFailure, VLLMRollouts, make_vllm_rollouts
 from .runtime import Runtime, apply_runtime, resolve_runtime, resolved_summary
@@ -71,6 +72,8 @@ class Run:
     """Per-prompt rubric lists (plain JSON), saved with the training state; None until rubrics are on."""
     rollout_server: VLLMRollouts | None = None
     """--rollout_backend vllm: the vLLM server that samples rollouts (rollout_vllm.py); None: HF generate here."""
+    generation: GenerationModel | None = None
+    """What HF generate runs with (the policy, or a merged LoRA copy) and whether over a static cache."""
     nonfinite_streak: int = 0
     """Steps in a row whose update was skipped for a non-finite loss or gradient."""
     rubrics: RubricScorer | None = None
@@ -230,7 +233,8 @@ def evaluate_if_due(run: Run, step: int) -> None:
         run.profiler.phase = f"step {step} eval"
     batch_size = max(cfg.optim.inference_batch_size, cfg.rollout.num_unique_prompts_rollout * cfg.rollout.num_samples_per_prompt_rollout)
     start = time.perf_counter()
-    metrics, records = evaluate(run.policy, run.tokenizer, run.eval_prompts, cfg, run.runtime.device, batch_size)
+    metrics, records = evaluate(run.generation.model(), run.tokenizer, run.eval_prompts, cfg, run.runtime.device, batch_size,
+                                static_width=run.generation.static_width)
     metrics["eval/seconds"] = time.perf_counter() - start
     run.tracker.log_eval(step, metrics)
     run.evals.append((step, metrics))
@@ -286,8 +290,9 @@ def generate(run: Run, batch: PromptBatch) -> Rollouts:
         seed = int(torch.randint(0, 2**31 - 1, (1,)))
         return run.rollout_server.generate(batch, num_samples=ro.num_samples_per_prompt_rollout, seed=seed)
     return generate_rollouts(
-        run.policy, run.tokenizer, batch, num_samples=ro.num_samples_per_prompt_rollout, response_length=ro.response_length,
+        run.generation.model(), run.tokenizer, batch, num_samples=ro.num_samples_per_prompt_rollout, response_length=ro.response_length,
         temperature=ro.temperature, top_p=ro.top_p, stop_strings=ro.stop_strings, device=run.runtime.device,
+        static_width=run.generation.static_width,
     )
 
 
@@ -448,6 +453,7 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
         run.start_step = state.restore(run, resume_from)
         log.info("resume: continuing %s from step %d (state %s)", derived.run_dir, run.start_step, resume_from)
     run.rollout_server = rollout_server
+    run.generation = make_generation_model(cfg, runtime, policy, max(len(p.prompt_ids) for p in prompts + eval_prompts))
     if resume_from and rollout_server is not None:
         rollout_server.weights_changed()  # it gets the restored weights before it generates
     return run

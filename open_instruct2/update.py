@@ -99,8 +99,10 @@ def update_policy(run, rollouts: Rollouts, advantages: torch.Tensor, ref_logprob
                 continue
             sums["grad_norm"] += grad_norm
             steps += 1
-    if steps and run.rollout_server is not None:
-        run.rollout_server.weights_changed()  # the vLLM server takes the new weights before it next generates
+    if steps:  # the vLLM server / the merged LoRA copy take the new weights before they next generate
+        for holder in (run.rollout_server, run.generation):
+            if holder is not None:
+                holder.weights_changed()
     values = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # the one host sync of the update
     tokens = max(values.pop("tokens"), 1.0)
     metrics = {"train/optimizer_steps": float(steps), "train/nonfinite_updates": values.pop("nonfinite_updates", 0.0)}

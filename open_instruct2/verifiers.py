@@ -114,6 +114,17 @@ def verify_gsm8k_shaped(response: str, ground_truth: str) -> float:
     return 0.5 if value is not None and numbers_equal(value, gsm8k_truth(ground_truth)) else 0.0
 
 
+@register("gsm8k_format", "The answer in the asked-for place, once: 1 for the right number right after the only '####'; 0.2 for a wrong number there; 0 without '####', with more than one (a list of guesses), or with no number after it.")
+def verify_gsm8k_format(response: str, ground_truth: str) -> float:
+    if response.count("####") != 1:
+        return 0.0
+    found = _NUMBER.match(response.split("####", 1)[1].lstrip())
+    if not found:
+        return 0.0
+    value = normalize_number(found.group(0))
+    return 1.0 if value is not None and numbers_equal(value, gsm8k_truth(ground_truth)) else 0.2
+
+
 # ---------------------------------------------------------------- math
 
 

@@ -199,3 +199,13 @@ def test_gsm8k_strict_and_shaped():
     assert strict("#### 13 (no, 12)", "12") == 0.0 and shaped("#### 13 (no, 12)", "12") == 0.5  # the last number is right
     assert strict("#### 1,234.", "1234") == 1.0
     assert shaped("#### 11", "12") == 0.0 and shaped("no number", "12") == 0.0  # no credit for the format alone
+
+
+def test_gsm8k_format_pays_the_format_once_and_the_right_number_most():
+    fmt = V.VERIFIERS["gsm8k_format"]
+    assert fmt("7 + 5 = 12\n#### 12", "12") == 1.0
+    assert fmt("#### 1,234.", "1234") == 1.0
+    assert fmt("7 + 5 = 13\n#### 13", "12") == 0.2  # the asked-for format with a wrong number: a little
+    assert fmt("7 + 5 = 12", "12") == 0.0  # right number without the format: nothing
+    assert fmt("#### 12\n#### 13", "12") == 0.0 and fmt("#### 11\n#### 12", "12") == 0.0  # lists of guesses: nothing
+    assert fmt("#### twelve", "12") == 0.0 and fmt("####", "12") == 0.0

@@ -1,0 +1,96 @@
+"""What HF generate runs with: a static cache gives the same tokens as the dynamic one; a merged LoRA copy
+gives the policy's function, follows it after an optimizer step, and shares the frozen tensors."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import run_cli
+from open_instruct2.generation_model import GenerationModel
+from open_instruct2.rollout import STATIC_WIDTH_STEP, generate_rollouts
+from test_rollout import batch_of
+from test_train_e2e import tiny_args
+
+QUESTIONS = ["Hi", "What is 12 + 30? Put the final answer after ####.", "Name three colours of the rainbow, then stop."]
+
+
+def greedy(model, tokenizer, batch, static_width=None, length=12, stop=None):
+    return generate_rollouts(model, tokenizer, batch, num_samples=1, response_length=length, temperature=1.0, top_p=1.0,
+                             stop_strings=stop, device=torch.device("cpu"), greedy=True, static_width=static_width)
+
+
+def test_static_cache_generates_the_same_tokens(builtin_model_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(str(builtin_model_dir), dtype=torch.float32).eval()
+    batch = batch_of(tokenizer, QUESTIONS)
+    dynamic = greedy(model, tokenizer, batch, stop=["\n\n"])
+    static = greedy(model, tokenizer, batch, dynamic.prompt_width + 5, stop=["\n\n"])
+    assert static.prompt_width == dynamic.prompt_width + 5  # padded to the run's width
+    narrow = greedy(model, tokenizer, batch, dynamic.prompt_width - 1, stop=["\n\n"])  # a batch wider than the run's width
+    assert narrow.prompt_width % STATIC_WIDTH_STEP == 0 and narrow.prompt_width >= dynamic.prompt_width
+    assert narrow.response_texts == dynamic.response_texts
+    assert static.response_texts == dynamic.response_texts and static.finish_reasons == dynamic.finish_reasons
+    assert torch.equal(static.response_mask, dynamic.response_mask)
+    assert torch.equal(static.input_ids[:, static.prompt_width:], dynamic.input_ids[:, dynamic.prompt_width:])
+    # the extra left padding is masked out: the prompt tokens are the same, flush against the response
+    assert torch.equal(static.input_ids[static.attention_mask.bool()], dynamic.input_ids[dynamic.attention_mask.bool()])
+
+
+def lora_policy(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], lora_dropout=0.0))
+    torch.manual_seed(1)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)  # B starts at zero: make the adapters change the function
+    return policy.eval()
+
+
+def test_merged_copy_is_the_policy_and_follows_it(tiny_model_dir, tokenizer):
+    policy = lora_policy(tiny_model_dir)
+    holder = GenerationModel(policy, merged=True, static_width=None)
+    copy = holder.model()
+    assert copy is not policy and not hasattr(copy, "peft_config")
+    ids = torch.tensor([[1, 400, 500, 600, 700]])
+    with torch.no_grad():
+        assert torch.allclose(copy(ids).logits, policy(ids).logits, atol=1e-5)
+        with policy.disable_adapter():
+            base_logits = policy(ids).logits
+    assert not torch.allclose(copy(ids).logits, base_logits, atol=1e-3)  # the adapters are in it
+    base = policy.get_base_model()
+    # frozen tensors are the policy's own; the adapted ones are separate (the policy's W is untouched)
+    assert copy.model.embed_tokens.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
+    assert copy.model.layers[0].self_attn.k_proj.weight.data_ptr() == base.model.layers[0].self_attn.k_proj.weight.data_ptr()
+    q_copy, q_base = copy.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert q_copy.data_ptr() != q_base.data_ptr() and not torch.equal(q_copy, q_base)
+    # an "optimizer step" on the adapters: the copy is stale until told, then follows in place
+    address = q_copy.data_ptr()
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_A" in name:
+                p.add_(0.3)
+        moved = policy(ids).logits
+        assert not torch.allclose(holder.model()(ids).logits, moved, atol=1e-3)
+        holder.weights_changed()
+        assert holder.model() is copy and torch.allclose(copy(ids).logits, moved, atol=1e-5)
+    assert copy.model.layers[0].self_attn.q_proj.weight.data_ptr() == address
+    # greedy text from the copy = from the adapter layers
+    batch = batch_of(tokenizer, QUESTIONS)
+    assert greedy(copy, tokenizer, batch).response_texts == greedy(policy, tokenizer, batch).response_texts
+
+
+def test_unmerged_holder_is_the_policy(tiny_model_dir):
+    policy = lora_policy(tiny_model_dir)
+    assert GenerationModel(policy, merged=False, static_width=64).model() is policy
+
+
+def test_lora_run_with_merged_generation_and_static_cache(tmp_path, tiny_model_dir):
+    """The user's path: both settings forced on a CPU (auto would pick them on CUDA), with evaluation."""
+    proc = run_cli(*tiny_args(tmp_path, tiny_model_dir, "--train_mode", "lora", "--lora_r", "4", "--num_training_steps", "3",
+                              "--learning_rate", "1e-2", "--lora_generation", "merged", "--generation_cache", "static",
+                              "--dataset_mixer_eval_list", str(tmp_path / "rows.jsonl"), "5", "--num_evals", "2",
+                              "--per_device_train_batch_size", "8"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "LoRA merged into a copy" in proc.stdout and "HF generate: static KV cache" in proc.stdout and "LoRA generation: a merged copy" in proc.stdout
+    evals = sorted((tmp_path / "out" / "e2e" / "evals").glob("step_*.jsonl"))
+    assert len(evals) >= 2
