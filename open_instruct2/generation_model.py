@@ -99,14 +99,35 @@ def _plain_copy(policy) -> nn.Module:
     return copy
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the device (CUDA: the allocator's view; CPU and MPS: the machine's available memory)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def merged_copy_fits(policy: nn.Module, device: torch.device) -> tuple[bool, int]:
+    """(whether a merged copy takes under a quarter of the free memory, its bytes): lora_generation auto."""
+    need = sum(m.base_layer.weight.nbytes for _, m in _adapted_layers(policy.get_base_model()))
+    return need < free_memory(device) // 4, need
+
+
 def make_generation_model(cfg: Config, runtime: Runtime, policy: nn.Module, longest_prompt: int) -> GenerationModel:
-    """Resolve the two auto settings for this device (CUDA: static cache + compile, merged LoRA). A static
-    cache holds the run's longest prompt (training and evaluation, rounded up to a multiple of 8) plus
-    response_length: one cache shape per batch size for the whole run."""
+    """Resolve the auto settings for this device: a static cache + compiled decoding on CUDA; a merged LoRA
+    copy when it fits in a quarter of the free memory. A static cache holds the run's longest prompt
+    (training and evaluation, rounded up to a multiple of 8) plus response_length: one cache shape per batch
+    size for the whole run."""
     cuda = runtime.device.type == "cuda"
     ro = cfg.rollout
     static = ro.generation_cache == "static" or (ro.generation_cache == "auto" and cuda)
-    merged = cfg.lora.train_mode == "lora" and (ro.lora_generation == "merged" or (ro.lora_generation == "auto" and cuda))
+    merged = cfg.lora.train_mode == "lora" and ro.lora_generation == "merged"
+    if cfg.lora.train_mode == "lora" and ro.lora_generation == "auto" and (ro.rollout_backend == "hf" or cfg.tracking.num_evals > 0):
+        merged, need = merged_copy_fits(policy, runtime.device)
+        if not merged:
+            log.info("LoRA generation through the adapter layers: a merged copy (%.0f MB) would take over a quarter of the "
+                     "free memory (--lora_generation merged forces it)", need / 2**20)
     width = -(-longest_prompt // 8) * 8 if static else None
     if ro.rollout_backend == "hf" or cfg.tracking.num_evals > 0:
         cache = "dynamic KV cache" if not static else f"static KV cache ({width} prompt + {ro.response_length} response tokens)"
