@@ -178,7 +178,7 @@ class RolloutConfig:
     stop_strings: Optional[list[str]] = None
     """Strings that end a response (a hard stop: generation of that sequence ends; finish reason 'stop')."""
     generation_cache: Literal["auto", "static", "dynamic"] = "auto"
-    """hf backend: KV cache of HF generate. static = one preallocated cache (prompt widths padded to a multiple of 64) and, on CUDA, the decoding step compiled with torch.compile (a one-time compile per batch shape, ~1 min; then several times faster); dynamic = the growing cache, no compile. auto = static on CUDA, dynamic elsewhere (on CPU a static cache measured slower)."""
+    """hf backend: KV cache of HF generate. static = one preallocated cache (prompt widths padded to a multiple of 64) and, on CUDA, the decoding step compiled with torch.compile (a one-time compile per batch shape, ~1 min; then several times faster); dynamic = the growing cache, no compile. auto = static on CUDA for runs of >= 20 steps, dynamic elsewhere (on CPU a static cache measured slower; a short run never pays back the compile)."""
     lora_generation: Literal["auto", "merged", "adapters"] = "auto"
     """HF generate (rollouts and evaluation) with --train_mode lora: merged = from a copy of the model whose LoRA layers are merged in (W + delta in fp32, refreshed in place after each optimizer step; costs one copy of the adapted weights); adapters = through the adapter layers. auto = merged when that copy takes under a quarter of the free memory, else adapters. Merged measured 1.22x faster generate on a 2-core CPU (bf16), ~1.9x on an H100."""
     rollout_backend: Literal["hf", "vllm"] = "hf"

@@ -114,14 +114,19 @@ def merged_copy_fits(policy: nn.Module, device: torch.device) -> tuple[bool, int
     return need < free_memory(device) // 4, need
 
 
-def make_generation_model(cfg: Config, runtime: Runtime, policy: nn.Module, longest_prompt: int) -> GenerationModel:
-    """Resolve the auto settings for this device: a static cache + compiled decoding on CUDA; a merged LoRA
-    copy when it fits in a quarter of the free memory. A static cache holds the run's longest prompt
+COMPILE_WORTH_STEPS = 20
+"""--generation_cache auto compiles on CUDA for runs of at least this many steps: the one-time compile (~40 s
+for SmolLM2-135M) pays back after a few steps of a long run, never in a smoke test."""
+
+
+def make_generation_model(cfg: Config, runtime: Runtime, policy: nn.Module, longest_prompt: int, steps: int) -> GenerationModel:
+    """Resolve the auto settings for this device: a static cache + compiled decoding on CUDA for runs of
+    COMPILE_WORTH_STEPS or more; a merged LoRA copy when it fits in a quarter of the free memory. A static cache holds the run's longest prompt
     (training and evaluation, rounded up to a multiple of 8) plus response_length: one cache shape per batch
     size for the whole run."""
     cuda = runtime.device.type == "cuda"
     ro = cfg.rollout
-    static = ro.generation_cache == "static" or (ro.generation_cache == "auto" and cuda)
+    static = ro.generation_cache == "static" or (ro.generation_cache == "auto" and cuda and steps >= COMPILE_WORTH_STEPS)
     merged = cfg.lora.train_mode == "lora" and ro.lora_generation == "merged"
     if cfg.lora.train_mode == "lora" and ro.lora_generation == "auto" and (ro.rollout_backend == "hf" or cfg.tracking.num_evals > 0):
         merged, need = merged_copy_fits(policy, runtime.device)

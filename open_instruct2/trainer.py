@@ -453,7 +453,8 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
         run.start_step = state.restore(run, resume_from)
         log.info("resume: continuing %s from step %d (state %s)", derived.run_dir, run.start_step, resume_from)
     run.rollout_server = rollout_server
-    run.generation = make_generation_model(cfg, runtime, policy, max(len(p.prompt_ids) for p in prompts + eval_prompts))
+    run.generation = make_generation_model(cfg, runtime, policy, max(len(p.prompt_ids) for p in prompts + eval_prompts),
+                                           derived.num_training_steps)
     if resume_from and rollout_server is not None:
         rollout_server.weights_changed()  # it gets the restored weights before it generates
     return run

@@ -94,3 +94,40 @@ def test_lora_run_with_merged_generation_and_static_cache(tmp_path, tiny_model_d
     assert "LoRA merged into a copy" in proc.stdout and "HF generate: static KV cache" in proc.stdout and "LoRA generation: a merged copy" in proc.stdout
     evals = sorted((tmp_path / "out" / "e2e" / "evals").glob("step_*.jsonl"))
     assert len(evals) >= 2
+
+
+def test_auto_settings_by_device_and_run_length(tmp_path, tiny_model_dir):
+    from conftest import tiny_config
+    from open_instruct2.generation_model import COMPILE_WORTH_STEPS, make_generation_model
+    from open_instruct2.runtime import Runtime
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    cfg = tiny_config(tmp_path, tiny_model_dir)
+    on = lambda device: Runtime(torch.device(device), torch.float32, "sdpa", 1, "test")
+    # CUDA compiles only for runs long enough to pay the compile back; the width covers the longest prompt
+    assert make_generation_model(cfg, on("cuda"), model, 61, COMPILE_WORTH_STEPS).static_width == 64
+    assert make_generation_model(cfg, on("cuda"), model, 61, COMPILE_WORTH_STEPS - 1).static_width is None
+    assert make_generation_model(cfg, on("cpu"), model, 61, 1000).static_width is None
+    cfg.rollout.generation_cache = "static"
+    assert make_generation_model(cfg, on("cpu"), model, 61, 2).static_width == 64
+    cfg.rollout.generation_cache = "dynamic"
+    assert make_generation_model(cfg, on("cuda"), model, 61, 1000).static_width is None
+    assert not make_generation_model(cfg, on("cpu"), model, 61, 2).merged  # full fine-tuning: nothing to merge
+
+
+def test_auto_lora_merges_only_when_the_copy_fits(tmp_path, tiny_model_dir, monkeypatch):
+    from conftest import tiny_config
+    from open_instruct2 import generation_model as G
+    from open_instruct2.runtime import Runtime
+
+    policy = lora_policy(tiny_model_dir)
+    need = G.merged_copy_fits(policy, torch.device("cpu"))[1]
+    assert need == sum(m.base_layer.weight.nbytes for _, m in G._adapted_layers(policy.get_base_model())) > 0
+    cfg = tiny_config(tmp_path, tiny_model_dir, train_mode="lora")
+    cpu = Runtime(torch.device("cpu"), torch.float32, "sdpa", 1, "test")
+    monkeypatch.setattr(G, "free_memory", lambda device: 4 * need + 4)
+    assert G.make_generation_model(cfg, cpu, policy, 10, 2).merged
+    monkeypatch.setattr(G, "free_memory", lambda device: 4 * need - 4)
+    assert not G.make_generation_model(cfg, cpu, policy, 10, 2).merged
+    cfg.rollout.lora_generation = "merged"  # forced: merged whatever the memory
+    assert G.make_generation_model(cfg, cpu, policy, 10, 2).merged
