@@ -82,6 +82,7 @@ def _plain_copy(policy) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     base = policy.get_base_model()
+    adapted = [name for name, _ in _adapted_layers(base)]
     weight = next(base.parameters())
     with torch.device(weight.device):
         copy = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype, attn_implementation=base.config._attn_implementation)
@@ -94,8 +95,8 @@ def _plain_copy(policy) -> nn.Module:
     copy.generation_config = base.generation_config
     copy.requires_grad_(False)
     copy.eval()
-    log.info("LoRA generation: a merged copy of %d adapted layers (%.0f MB)", len(_adapted_layers(base)),
-             sum(copy.get_parameter(f"{n}.weight").nbytes for n, _ in _adapted_layers(base)) / 2**20)
+    log.info("LoRA generation: a merged copy of %d adapted layers (%.0f MB)", len(adapted),
+             sum(copy.get_parameter(f"{n}.weight").nbytes for n in adapted) / 2**20)
     return copy
 
 
@@ -121,20 +122,21 @@ for SmolLM2-135M) pays back after a few steps of a long run, never in a smoke te
 
 def make_generation_model(cfg: Config, runtime: Runtime, policy: nn.Module, longest_prompt: int, steps: int) -> GenerationModel:
     """Resolve the auto settings for this device: a static cache + compiled decoding on CUDA for runs of
-    COMPILE_WORTH_STEPS or more; a merged LoRA copy when it fits in a quarter of the free memory. A static cache holds the run's longest prompt
-    (training and evaluation, rounded up to a multiple of 8) plus response_length: one cache shape per batch
-    size for the whole run."""
+    COMPILE_WORTH_STEPS or more; a merged LoRA copy when it fits in a quarter of the free memory. A static
+    cache holds the run's longest prompt (training and evaluation, rounded up to a multiple of 8) plus
+    response_length: one cache shape per batch size for the whole run."""
     cuda = runtime.device.type == "cuda"
     ro = cfg.rollout
     static = ro.generation_cache == "static" or (ro.generation_cache == "auto" and cuda and steps >= COMPILE_WORTH_STEPS)
+    hf_generates = ro.rollout_backend == "hf" or cfg.tracking.num_evals > 0  # rollouts here, or evaluation
     merged = cfg.lora.train_mode == "lora" and ro.lora_generation == "merged"
-    if cfg.lora.train_mode == "lora" and ro.lora_generation == "auto" and (ro.rollout_backend == "hf" or cfg.tracking.num_evals > 0):
+    if cfg.lora.train_mode == "lora" and ro.lora_generation == "auto" and hf_generates:
         merged, need = merged_copy_fits(policy, runtime.device)
         if not merged:
             log.info("LoRA generation through the adapter layers: a merged copy (%.0f MB) would take over a quarter of the "
                      "free memory (--lora_generation merged forces it)", need / 2**20)
     width = -(-longest_prompt // 8) * 8 if static else None
-    if ro.rollout_backend == "hf" or cfg.tracking.num_evals > 0:
+    if hf_generates:
         cache = "dynamic KV cache" if not static else f"static KV cache ({width} prompt + {ro.response_length} response tokens)"
         if static and cuda:
             cache += ", decoding compiled (the first generation of each batch size compiles)"

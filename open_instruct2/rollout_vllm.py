@@ -31,8 +31,8 @@ import torch
 from .bootstrap import resolve_model_path
 from .config import Config
 from .data import PromptBatch
-from .generation_model import merged_state
 from .errors import UserError
+from .generation_model import merged_state
 from .rollout import Rollouts, _eos_ids
 from .runtime import Runtime, cuda_available
 from .vllm_server import ServerFailure, ServerUnavailable, VLLMClient, VLLMServer, check_probe, pick_served_model

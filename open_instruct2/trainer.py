@@ -29,12 +29,12 @@ from . import state
 from .errors import UserError
 from .signals import StopRequest, Stopped
 from .evaluation import eval_schedule, evaluate, load_eval_prompts, write_eval_records
+from .generation_model import GenerationModel, make_generation_model
 from .memory_profile import MemoryProfiler
 from .reference_vllm import ReferenceFailure
 from .rewards import Scores, compute_scores
 from .rubrics import RUBRIC_VERIFIERS, RubricScorer, append_records, judge_failed_entirely, make_judges, rubric_inputs, score_batch
 from .verifiers import final_answer
-from .generation_model import GenerationModel, make_generation_model
 from .rollout import Rollouts, generate_rollouts, ignored_generation_settings
 from .rollout_vllm import RolloutFailure, VLLMRollouts, make_vllm_rollouts
 from .runtime import Runtime, apply_runtime, resolve_runtime, resolved_summary
