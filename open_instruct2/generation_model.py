@@ -6,6 +6,12 @@ model whose adapted weights are W + delta (delta in fp32, the sum stored in W's 
 after an optimizer step moved the adapters: the policy's function within one rounding of W's dtype. Frozen
 tensors (embeddings, norms, un-adapted layers) are the policy's own, shared, not copied. The merged weights
 are written in place, so a compiled decoding step (static cache on CUDA) stays valid across refreshes.
+
+On an x86 CPU the generation copy can also hold every linear layer's weight pre-packed in oneDNN's blocked layout
+(--generation_linear packed): a plain `F.linear` on a CPU re-lays-out the weight on every call, which at the few
+rows of a decoding step costs as much as the product (bf16: 31 -> 22 ms of matmuls per token step for the 211
+weights of SmolLM2-135M; BENCHMARKS.md). Packing is exact in bf16 (the same sums) and repeated after each
+optimizer step (~0.1 s for 135M parameters); the copy costs one packed copy of the linear weights.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import Config
+from .errors import UserError
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -37,7 +44,7 @@ def merged_delta(module) -> torch.Tensor:
 def merged_state(policy) -> dict[str, torch.Tensor]:
     """The policy's weights under the base model's names (a PEFT model's LoRA layers merged into new tensors,
     every other entry the policy's own tensor, detached). Tied weights appear under each of their names."""
-    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    base = _base(policy)
     merged = {f"{name}.weight": merged_delta(m) for name, m in _adapted_layers(base)}
     out = {}
     for key, tensor in base.state_dict().items():
@@ -48,13 +55,59 @@ def merged_state(policy) -> dict[str, torch.Tensor]:
     return out
 
 
-class GenerationModel:
-    """The policy itself, or (merged) a plain model sharing the policy's frozen tensors with the LoRA layers
-    merged in; `static_width` is generate_rollouts' (None: dynamic cache)."""
+PACK_ROWS_HINT = 8
+"""The row count oneDNN is told to pack for (a decoding step's batch); any row count computes the same."""
 
-    def __init__(self, policy: nn.Module, *, merged: bool, static_width: int | None):
-        self.policy, self.merged, self.static_width = policy, merged, static_width
+
+def packing_available() -> bool:
+    """Whether this torch can pre-pack linear weights for oneDNN (x86 builds with mkldnn)."""
+    import platform
+
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class PackedLinear(nn.Module):
+    """A linear layer for generation only (no gradients): its weight held pre-packed for oneDNN.
+    `source` is the dense weight it follows (shared with the policy), or None when the caller repacks it
+    from a tensor it computes (a merged LoRA weight, not kept)."""
+
+    def __init__(self, linear: nn.Linear, source: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = linear.bias
+        self.source = source
+        self.pack(linear.weight)
+
+    @torch.no_grad()
+    def pack(self, weight: torch.Tensor) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+
+
+def _pack_linears(copy: nn.Module, adapted: set[str]) -> list[tuple[str, PackedLinear]]:
+    """Replace every nn.Linear of `copy` by a PackedLinear (adapted LoRA layers keep no dense source)."""
+    packed = []
+    for name, module in list(copy.named_modules()):
+        if type(module) is nn.Linear:
+            parent, _, child = name.rpartition(".")
+            layer = PackedLinear(module, None if name in adapted else module.weight.detach())
+            setattr(copy.get_submodule(parent) if parent else copy, child, layer)
+            packed.append((name, layer))
+    return packed
+
+
+class GenerationModel:
+    """The policy itself, or a plain model sharing the policy's frozen tensors: with the LoRA layers merged in
+    (`merged`), with its linear weights pre-packed for a CPU (`packed`), or both; `static_width` is
+    generate_rollouts' (None: dynamic cache)."""
+
+    def __init__(self, policy: nn.Module, *, merged: bool, static_width: int | None, packed: bool = False):
+        self.policy, self.merged, self.static_width, self.packed = policy, merged, static_width, packed
         self._copy: nn.Module | None = None
+        self._packed_layers: list[tuple[str, PackedLinear]] = []
         self._stale = True
 
     def weights_changed(self) -> None:
@@ -62,26 +115,39 @@ class GenerationModel:
         self._stale = True
 
     def model(self) -> nn.Module:
-        if not self.merged:
+        if not (self.merged or self.packed):
             return self.policy
+        adapted = dict(_adapted_layers(_base(self.policy)))
         if self._copy is None:
             self._copy = _plain_copy(self.policy)
+            if self.packed:
+                self._packed_layers = _pack_linears(self._copy, set(adapted))
+        elif self._stale and self.packed:
+            for name, layer in self._packed_layers:
+                if name in adapted:
+                    layer.pack(merged_delta(adapted[name]))
+                elif adapted == {}:  # full fine-tuning: every weight may have moved (LoRA's frozen ones have not)
+                    layer.pack(layer.source)
         elif self._stale:
-            base = self.policy.get_base_model()
             params = dict(self._copy.named_parameters(remove_duplicate=False))
-            for name, module in _adapted_layers(base):
+            for name, module in adapted.items():
                 params[f"{name}.weight"].copy_(merged_delta(module))  # in place: addresses stay (compiled graphs)
         self._stale = False
         return self._copy
 
 
+def _base(policy: nn.Module) -> nn.Module:
+    """A PEFT model's base model; any other model itself."""
+    return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+
+
 @torch.no_grad()
 def _plain_copy(policy) -> nn.Module:
     """A model of the base's class and config holding merged_state(policy): new tensors for the adapted
-    weights, the policy's own for the rest."""
+    weights, the policy's own for the rest (all of them for a model without adapters)."""
     from transformers import AutoModelForCausalLM
 
-    base = policy.get_base_model()
+    base = _base(policy)
     adapted = [name for name, _ in _adapted_layers(base)]
     weight = next(base.parameters())
     with torch.device(weight.device):
@@ -95,8 +161,9 @@ def _plain_copy(policy) -> nn.Module:
     copy.generation_config = base.generation_config
     copy.requires_grad_(False)
     copy.eval()
-    log.info("LoRA generation: a merged copy of %d adapted layers (%.0f MB)", len(adapted),
-             sum(copy.get_parameter(f"{n}.weight").nbytes for n in adapted) / 2**20)
+    if adapted:
+        log.info("LoRA generation: a merged copy of %d adapted layers (%.0f MB)", len(adapted),
+                 sum(copy.get_parameter(f"{n}.weight").nbytes for n in adapted) / 2**20)
     return copy
 
 
@@ -109,10 +176,13 @@ def free_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def merged_copy_fits(policy: nn.Module, device: torch.device) -> tuple[bool, int]:
-    """(whether a merged copy takes under a quarter of the free memory, its bytes): lora_generation auto."""
-    need = sum(m.base_layer.weight.nbytes for _, m in _adapted_layers(policy.get_base_model()))
-    return need < free_memory(device) // 4, need
+def copy_bytes(policy: nn.Module, packed: bool) -> int:
+    """Bytes of the generation copy's own tensors: the adapted LoRA weights (merged), or every linear weight
+    (packed: the frozen ones are packed too)."""
+    base = _base(policy)
+    if not packed:
+        return sum(m.base_layer.weight.nbytes for _, m in _adapted_layers(base))
+    return sum(m.weight.nbytes for name, m in base.named_modules() if type(m) is nn.Linear and ".lora_" not in name)
 
 
 COMPILE_WORTH_STEPS = 20
@@ -122,25 +192,40 @@ for SmolLM2-135M) pays back after a few steps of a long run, never in a smoke te
 
 def make_generation_model(cfg: Config, runtime: Runtime, policy: nn.Module, longest_prompt: int, steps: int) -> GenerationModel:
     """Resolve the auto settings for this device: a static cache + compiled decoding on CUDA for runs of
-    COMPILE_WORTH_STEPS or more; a merged LoRA copy when it fits in a quarter of the free memory. A static
+    COMPILE_WORTH_STEPS or more; on an x86 CPU, linear weights pre-packed for oneDNN (LoRA merged into them); a
+    merged LoRA copy elsewhere. auto makes a copy only when it takes under a quarter of the free memory. A static
     cache holds the run's longest prompt (training and evaluation, rounded up to a multiple of 8) plus
     response_length: one cache shape per batch size for the whole run."""
-    cuda = runtime.device.type == "cuda"
-    ro = cfg.rollout
+    cuda, cpu = runtime.device.type == "cuda", runtime.device.type == "cpu"
+    ro, lora = cfg.rollout, cfg.lora.train_mode == "lora"
     static = ro.generation_cache == "static" or (ro.generation_cache == "auto" and cuda and steps >= COMPILE_WORTH_STEPS)
     hf_generates = ro.rollout_backend == "hf" or cfg.tracking.num_evals > 0  # rollouts here, or evaluation
-    merged = cfg.lora.train_mode == "lora" and ro.lora_generation == "merged"
-    if cfg.lora.train_mode == "lora" and ro.lora_generation == "auto" and hf_generates:
-        merged, need = merged_copy_fits(policy, runtime.device)
-        if not merged:
-            log.info("LoRA generation through the adapter layers: a merged copy (%.0f MB) would take over a quarter of the "
-                     "free memory (--lora_generation merged forces it)", need / 2**20)
+    can_pack = cpu and packing_available()
+    if ro.generation_linear == "packed" and not can_pack:
+        raise UserError(f"--generation_linear packed needs an x86 CPU with oneDNN, and this run generates on {runtime.device.type}"
+                        f"{'' if not cpu else ' without it'}; use --generation_linear auto or plain")
+    packed = ro.generation_linear == "packed"
+    if ro.generation_linear == "auto" and hf_generates and can_pack and not (lora and ro.lora_generation == "adapters"):
+        packed = _copy_fits(policy, runtime.device, True, "linear weights not pre-packed", "--generation_linear packed")
+    merged = lora and (packed or ro.lora_generation == "merged")
+    if lora and not packed and ro.lora_generation == "auto" and hf_generates:
+        merged = _copy_fits(policy, runtime.device, False, "LoRA generation through the adapter layers", "--lora_generation merged")
     width = -(-longest_prompt // 8) * 8 if static else None
     if hf_generates:
         cache = "dynamic KV cache" if not static else f"static KV cache ({width} prompt + {ro.response_length} response tokens)"
         if static and cuda:
             cache += ", decoding compiled (the first generation of each batch size compiles)"
-        lora = ("" if cfg.lora.train_mode != "lora" else
-                ", LoRA merged into a copy" if merged else ", LoRA through the adapter layers")
-        log.info("HF generate: %s%s (--generation_cache %s, --lora_generation %s)", cache, lora, ro.generation_cache, ro.lora_generation)
-    return GenerationModel(policy, merged=merged, static_width=width)
+        lora_text = "" if not lora else ", LoRA merged into a copy" if merged else ", LoRA through the adapter layers"
+        log.info("HF generate: %s%s%s (--generation_cache %s, --lora_generation %s, --generation_linear %s)", cache, lora_text,
+                 ", linear weights pre-packed for oneDNN" if packed else "", ro.generation_cache, ro.lora_generation, ro.generation_linear)
+    return GenerationModel(policy, merged=merged, static_width=width, packed=packed)
+
+
+def _copy_fits(policy: nn.Module, device: torch.device, packed: bool, otherwise: str, force: str) -> bool:
+    """An auto rule: whether the generation copy takes under a quarter of the free memory (logs why not)."""
+    need = copy_bytes(policy, packed)
+    if need < free_memory(device) // 4:
+        return True
+    log.info("%s: the %s copy (%.0f MB) would take over a quarter of the free memory (%s forces it)",
+             otherwise, "packed" if packed else "merged", need / 2**20, force)
+    return False

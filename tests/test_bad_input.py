@@ -94,6 +94,9 @@ def cases(tmp_path, tiny_model_dir):
         "rollout server as reference": (["--rollout_backend", "vllm", "--rollout_vllm_endpoint", "http://127.0.0.1:8000", "--reference_mode",
                                          "endpoint_vllm", "--reference_endpoint", "http://127.0.0.1:8000/"], "cannot also be the frozen reference"),
         "importance cap below 1": (["--rollout_backend", "vllm", "--importance_sampling_cap", "0.5"], "0 (off) or >= 1"),
+        # HF generate
+        "packed generation through adapters": (["--train_mode", "lora", "--generation_linear", "packed", "--lora_generation", "adapters"],
+                                               "drop one of them"),
     }
 
 

@@ -1,11 +1,13 @@
 """What HF generate runs with: a static cache gives the same tokens as the dynamic one; a merged LoRA copy
-gives the policy's function, follows it after an optimizer step, and shares the frozen tensors."""
+gives the policy's function, follows it after an optimizer step, and shares the frozen tensors; so does a
+copy with its linear weights pre-packed for oneDNN (CPU)."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import run_cli
-from open_instruct2.generation_model import GenerationModel
+from open_instruct2.generation_model import GenerationModel, PackedLinear, packing_available
 from open_instruct2.rollout import STATIC_WIDTH_STEP, generate_rollouts
 from test_rollout import batch_of
 from test_train_e2e import tiny_args
@@ -121,9 +123,10 @@ def test_auto_lora_merges_only_when_the_copy_fits(tmp_path, tiny_model_dir, monk
     from open_instruct2.runtime import Runtime
 
     policy = lora_policy(tiny_model_dir)
-    need = G.merged_copy_fits(policy, torch.device("cpu"))[1]
+    need = G.copy_bytes(policy, packed=False)
     assert need == sum(m.base_layer.weight.nbytes for _, m in G._adapted_layers(policy.get_base_model())) > 0
     cfg = tiny_config(tmp_path, tiny_model_dir, train_mode="lora")
+    cfg.rollout.generation_linear = "plain"  # the merged copy's own rule (packed has its own, below)
     cpu = Runtime(torch.device("cpu"), torch.float32, "sdpa", 1, "test")
     monkeypatch.setattr(G, "free_memory", lambda device: 4 * need + 4)
     assert G.make_generation_model(cfg, cpu, policy, 10, 2).merged
@@ -131,3 +134,78 @@ def test_auto_lora_merges_only_when_the_copy_fits(tmp_path, tiny_model_dir, monk
     assert not G.make_generation_model(cfg, cpu, policy, 10, 2).merged
     cfg.rollout.lora_generation = "merged"  # forced: merged whatever the memory
     assert G.make_generation_model(cfg, cpu, policy, 10, 2).merged
+
+
+needs_packing = pytest.mark.skipif(not packing_available(), reason="pre-packed linear weights need an x86 CPU with oneDNN")
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_copy_is_the_policy_and_follows_it(tiny_model_dir, tokenizer, dtype):
+    policy = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=dtype)
+    holder = GenerationModel(policy, merged=False, static_width=None, packed=True)
+    copy = holder.model()
+    layers = [m for m in copy.modules() if isinstance(m, PackedLinear)]
+    assert len(layers) == sum(type(m) is torch.nn.Linear for m in policy.modules()) and not any(type(m) is torch.nn.Linear for m in copy.modules())
+    assert copy.model.embed_tokens.weight.data_ptr() == policy.model.embed_tokens.weight.data_ptr()  # shared, not copied
+    ids = torch.tensor([[1, 400, 500, 600, 700], [2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        # bf16: the same sums as F.linear; fp32: oneDNN may sum in another order
+        assert torch.allclose(copy(ids).logits, policy(ids).logits, atol=1e-5 if dtype == torch.float32 else 0)
+        for p in policy.parameters():  # an "optimizer step": in place, as MasterWeights / AdamW write
+            p.add_(torch.randn_like(p) * 0.05)
+        moved = policy(ids).logits
+        assert not torch.allclose(holder.model()(ids).logits, moved, atol=1e-3)  # stale until told
+        holder.weights_changed()
+        assert holder.model() is copy and torch.allclose(copy(ids).logits, moved, atol=1e-5 if dtype == torch.float32 else 0)
+    batch = batch_of(tokenizer, QUESTIONS)
+    assert greedy(copy, tokenizer, batch, stop=["\n\n"]).response_texts == greedy(policy, tokenizer, batch, stop=["\n\n"]).response_texts
+
+
+@needs_packing
+def test_packed_lora_copy_merges_the_adapters(tiny_model_dir):
+    policy = lora_policy(tiny_model_dir)
+    holder = GenerationModel(policy, merged=True, static_width=None, packed=True)
+    copy = holder.model()
+    ids = torch.tensor([[1, 400, 500, 600, 700]])
+    with torch.no_grad():
+        assert torch.allclose(copy(ids).logits, policy(ids).logits, atol=1e-5)
+        for name, p in policy.named_parameters():
+            if "lora_A" in name:
+                p.add_(0.3)
+        holder.weights_changed()
+        assert torch.allclose(holder.model()(ids).logits, policy(ids).logits, atol=1e-5)
+    # the frozen layers keep their dense source (the policy's tensor); adapted ones keep none (packed only)
+    base = policy.get_base_model()
+    k_proj, q_proj = copy.model.layers[0].self_attn.k_proj, copy.model.layers[0].self_attn.q_proj
+    assert k_proj.source.data_ptr() == base.model.layers[0].self_attn.k_proj.weight.data_ptr() and q_proj.source is None
+
+
+def test_auto_packs_on_an_x86_cpu_only(tmp_path, tiny_model_dir, monkeypatch):
+    from conftest import tiny_config
+    from open_instruct2 import generation_model as G
+    from open_instruct2.errors import UserError
+    from open_instruct2.runtime import Runtime
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    cfg = tiny_config(tmp_path, tiny_model_dir)
+    on = lambda device: Runtime(torch.device(device), torch.float32, "sdpa", 1, "test")
+    assert G.make_generation_model(cfg, on("cpu"), model, 10, 2).packed == packing_available()
+    assert not G.make_generation_model(cfg, on("cuda"), model, 10, 2).packed
+    cfg.rollout.generation_linear = "packed"
+    with pytest.raises(UserError, match="--generation_linear packed needs an x86 CPU"):
+        G.make_generation_model(cfg, on("cuda"), model, 10, 2)
+    monkeypatch.setattr(G, "packing_available", lambda: True)  # an x86 CPU, whatever this machine is
+    cfg.rollout.generation_linear = "auto"
+    need = G.copy_bytes(model, packed=True)
+    assert need == sum(m.weight.nbytes for m in model.modules() if type(m) is torch.nn.Linear)
+    monkeypatch.setattr(G, "free_memory", lambda device: 4 * need - 4)
+    assert not G.make_generation_model(cfg, on("cpu"), model, 10, 2).packed
+    monkeypatch.setattr(G, "free_memory", lambda device: 4 * need + 4)
+    assert G.make_generation_model(cfg, on("cpu"), model, 10, 2).packed
+    policy = lora_policy(tiny_model_dir)
+    lora = tiny_config(tmp_path, tiny_model_dir, train_mode="lora")
+    holder = G.make_generation_model(lora, on("cpu"), policy, 10, 2)
+    assert holder.packed and holder.merged  # LoRA is merged into the packed weights
+    lora.rollout.lora_generation = "adapters"
+    assert not G.make_generation_model(lora, on("cpu"), policy, 10, 2).packed
