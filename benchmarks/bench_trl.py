@@ -1,18 +1,19 @@
 """Ours against TRL's GRPOTrainer at equal settings, in one invocation (`make bench`).
 
-    python benchmarks/bench_trl.py [--steps 5] [--prompts 2] [--samples 4] [--length 64] [--skip-vllm]
+    python benchmarks/bench_trl.py [--steps 5] [--prompts 2] [--samples 4] [--length 64] [--skip-vllm] [--dtype auto]
+                                   [--ours-variant '--generation_linear plain']
 
 Both train a random-initialised model of the builtin shape (SmolLM2-135M) with its real tokenizer: random
 weights never say eos, so every completion runs to the length limit and both trainers do exactly the same
 work. Same prompts (builtin arithmetic), samples per prompt, response length, temperature 0.7, top_p 1, no
-top-k, no penalties, beta 0, fp32, full fine-tuning, learning rate, one optimizer step per rollout batch, one
+top-k, no penalties, beta 0, one precision (--dtype; auto: what our runtime picks on this CPU), full fine-tuning, learning rate, one optimizer step per rollout batch, one
 micro-batch per step. A third row runs ours with a launched vLLM reference (beta 0.05) to show its cost, a
 fourth ours with rollouts on a launched vLLM server (--rollout_backend vllm, weights synced every step).
 
 For each: completions/s, seconds per step split into generation / reference+scoring / update (the first step,
 warm-up, left out; medians), peak RSS of the whole process tree. Then the ratio, and the step's floor on this
 machine from numbers measured in the same run: training ~ 6 x params x tokens and generation prefill
-~ 2 x params x tokens at the measured fp32 matmul rate, and the decode floor = one read of the weights per
+~ 2 x params x tokens at the matmul rate measured at the run's precision, and the decode floor = one read of the weights per
 generated token step at the measured memory bandwidth. Prints only; the history is in BENCHMARKS.md.
 """
 
@@ -96,8 +97,8 @@ def watch(command: list[str], cwd: str, env: dict | None = None) -> tuple[subpro
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr), peak
 
 
-def run_ours(s: dict, model_dir: str, out: str, name: str, reference: str = "none", rollout: str = "hf") -> dict:
-    done, peak = watch([sys.executable, "-m", "open_instruct2.train_grpo", *ours_args(s, model_dir, out, name, reference, rollout)], ROOT)
+def run_ours(s: dict, model_dir: str, out: str, name: str, reference: str = "none", rollout: str = "hf", extra: list[str] = ()) -> dict:
+    done, peak = watch([sys.executable, "-m", "open_instruct2.train_grpo", *ours_args(s, model_dir, out, name, reference, rollout), *extra], ROOT)
     if done.returncode != 0:
         raise SystemExit(f"ours ({name}) failed: {done.stderr[-2000:]}")
     lines = [json.loads(line) for line in open(os.path.join(out, name, "metrics.jsonl")) if '"reward/mean"' in line][1:]
@@ -162,12 +163,12 @@ def run_trl(s: dict, model_dir: str, out: str) -> dict:
             "update": step - statistics.median(scored), "peak_mb": peak, "tokens": statistics.median(r["lengths"][1:] or r["lengths"])}
 
 
-def machine_rates() -> dict:
-    """fp32 matmul GFLOP/s and memory copy GB/s, measured now (best of 3)."""
+def machine_rates(dtype: str = "float32") -> dict:
+    """Matmul GFLOP/s at `dtype` and memory copy GB/s, measured now (best of 5 / 3)."""
     import torch
 
     n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     best = min(_timed(lambda: a @ b) for _ in range(5))
     big = torch.empty(64 * 2**20)  # 256 MB
     copy = torch.empty_like(big)
@@ -186,7 +187,8 @@ def floors(s: dict, rates: dict, params: float, prompt_tokens: float) -> dict:
     flops = rates["gflops"] * 1e9
     train = 6 * params * batch * (prompt_tokens + s["length"]) / flops
     prefill = 2 * params * batch * prompt_tokens / flops
-    decode = s["length"] * max(params * 4 / (rates["gbps"] * 1e9), 2 * params * batch / flops)  # per token step: read or compute
+    weight_bytes = params * (2 if s["dtype"] == "bfloat16" else 4)
+    decode = s["length"] * max(weight_bytes / (rates["gbps"] * 1e9), 2 * params * batch / flops)  # per token step: read or compute
     return {"train": train, "generation": prefill + decode, "step": train + prefill + decode}
 
 
@@ -199,9 +201,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--skip-vllm", action="store_true", help="leave out the rows with a launched vLLM server")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="precision of both trainers (bfloat16: only where the CPU has native bf16, see bench_dtype.py)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="precision of both trainers; auto = what our runtime picks on this CPU (bfloat16 where it has native "
+                             "bf16, AMX / AVX512-BF16; float32 elsewhere, see bench_dtype.py)")
+    parser.add_argument("--ours-variant", action="append", default=[], metavar="FLAGS",
+                        help="another row of ours with these extra flags (e.g. '--generation_linear plain'), run right after ours")
     args = parser.parse_args()
+    if args.dtype == "auto":
+        from open_instruct2.runtime import cpu_has_native_bf16
+
+        args.dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
     s = settings(args)
     work = tempfile.mkdtemp(prefix="bench_trl_")
     model_dir = make_random_model(os.path.join(work, "model"))
@@ -217,13 +226,15 @@ def main() -> None:
     rows = {}
     rows["TRL GRPOTrainer"] = run_trl(s, model_dir, os.path.join(work, "trl"))
     rows["ours (no reference)"] = run_ours(s, model_dir, os.path.join(work, "ours"), "ours")
+    for i, flags in enumerate(args.ours_variant):
+        rows[f"ours {flags}"] = run_ours(s, model_dir, os.path.join(work, "ours"), f"ours_variant{i}", extra=flags.split())
     if not args.skip_vllm:
         rows["ours + launched vLLM reference (beta 0.05)"] = run_ours(s, model_dir, os.path.join(work, "ours"), "ours_vllm", "launch_local_vllm")
         rows["ours, rollouts on a launched vLLM server"] = run_ours(s, model_dir, os.path.join(work, "ours"), "ours_vllm_rollouts", rollout="vllm")
-    rates = machine_rates()
+    rates = machine_rates(s["dtype"])
     floor = floors(s, rates, params, prompt_tokens)
     batch = s["prompts"] * s["samples"]
-    print(f"\nmachine now: fp32 matmul {rates['gflops']:.0f} GFLOP/s, memory copy {rates['gbps']:.1f} GB/s; "
+    print(f"\nmachine now: {s['dtype']} matmul {rates['gflops']:.0f} GFLOP/s, memory copy {rates['gbps']:.1f} GB/s; "
           f"floor per step: train {floor['train']:.2f} s + generation {floor['generation']:.2f} s = {floor['step']:.2f} s")
     print("\n| trainer | completions/s | s/step | generation | reference+scoring | update | peak RSS MB | x floor |")
     print("|---|---|---|---|---|---|---|---|")
