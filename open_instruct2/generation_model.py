@@ -8,10 +8,11 @@ tensors (embeddings, norms, un-adapted layers) are the policy's own, shared, not
 are written in place, so a compiled decoding step (static cache on CUDA) stays valid across refreshes.
 
 On an x86 CPU the generation copy can also hold every linear layer's weight pre-packed in oneDNN's blocked layout
-(--generation_linear packed): a plain `F.linear` on a CPU re-lays-out the weight on every call, which at the few
-rows of a decoding step costs as much as the product (bf16: 31 -> 22 ms of matmuls per token step for the 211
-weights of SmolLM2-135M; BENCHMARKS.md). Packing is exact in bf16 (the same sums) and repeated after each
-optimizer step (~0.1 s for 135M parameters); the copy costs one packed copy of the linear weights.
+(--generation_linear packed): a plain bf16 `F.linear` on a CPU re-lays-out the weight on every call, which at the
+few rows of a decoding step costs as much as the product (31 -> 22 ms of matmuls per token step for the 211
+weights of SmolLM2-135M; generation 18% faster in `make bench`; BENCHMARKS.md). Packing is exact in bf16 (the
+same sums) and repeated after each optimizer step (~0.1 s for 135M parameters); the copy costs one packed copy of
+the linear weights. At fp32 it measured no faster (auto leaves it off).
 """
 
 from __future__ import annotations
@@ -150,7 +151,10 @@ def _plain_copy(policy) -> nn.Module:
     base = _base(policy)
     adapted = [name for name, _ in _adapted_layers(base)]
     weight = next(base.parameters())
-    with torch.device(weight.device):
+    # The random initialisation (replaced at once) must not draw from the run's generators: the samples of a run,
+    # and of a resumed one, would depend on when the copy was built. MPS's generator is not guarded here.
+    cuda = [weight.device.index or 0] if weight.device.type == "cuda" else []
+    with torch.device(weight.device), torch.random.fork_rng(devices=cuda):
         copy = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype, attn_implementation=base.config._attn_implementation)
     state = merged_state(policy)
     missing, unexpected = copy.load_state_dict(state, strict=False, assign=True)
@@ -192,7 +196,7 @@ for SmolLM2-135M) pays back after a few steps of a long run, never in a smoke te
 
 def make_generation_model(cfg: Config, runtime: Runtime, policy: nn.Module, longest_prompt: int, steps: int) -> GenerationModel:
     """Resolve the auto settings for this device: a static cache + compiled decoding on CUDA for runs of
-    COMPILE_WORTH_STEPS or more; on an x86 CPU, linear weights pre-packed for oneDNN (LoRA merged into them); a
+    COMPILE_WORTH_STEPS or more; on an x86 CPU at bf16, linear weights pre-packed for oneDNN (LoRA merged into them); a
     merged LoRA copy elsewhere. auto makes a copy only when it takes under a quarter of the free memory. A static
     cache holds the run's longest prompt (training and evaluation, rounded up to a multiple of 8) plus
     response_length: one cache shape per batch size for the whole run."""
@@ -205,7 +209,8 @@ def make_generation_model(cfg: Config, runtime: Runtime, policy: nn.Module, long
         raise UserError(f"--generation_linear packed needs an x86 CPU with oneDNN, and this run generates on {runtime.device.type}"
                         f"{'' if not cpu else ' without it'}; use --generation_linear auto or plain")
     packed = ro.generation_linear == "packed"
-    if ro.generation_linear == "auto" and hf_generates and can_pack and not (lora and ro.lora_generation == "adapters"):
+    bf16 = runtime.dtype == torch.bfloat16  # fp32 measured no faster packed (its weights' reads dominate), +0.5 GB
+    if ro.generation_linear == "auto" and hf_generates and can_pack and bf16 and not (lora and ro.lora_generation == "adapters"):
         packed = _copy_fits(policy, runtime.device, True, "linear weights not pre-packed", "--generation_linear packed")
     merged = lora and (packed or ro.lora_generation == "merged")
     if lora and not packed and ro.lora_generation == "auto" and hf_generates:

@@ -51,7 +51,9 @@ def lora_policy(tiny_model_dir):
 def test_merged_copy_is_the_policy_and_follows_it(tiny_model_dir, tokenizer):
     policy = lora_policy(tiny_model_dir)
     holder = GenerationModel(policy, merged=True, static_width=None)
+    rng = torch.get_rng_state()
     copy = holder.model()
+    assert torch.equal(torch.get_rng_state(), rng)  # building it draws nothing from the run's generator (samples, resume)
     assert copy is not policy and not hasattr(copy, "peft_config")
     ids = torch.tensor([[1, 400, 500, 600, 700]])
     with torch.no_grad():
@@ -189,12 +191,15 @@ def test_auto_packs_on_an_x86_cpu_only(tmp_path, tiny_model_dir, monkeypatch):
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     cfg = tiny_config(tmp_path, tiny_model_dir)
-    on = lambda device: Runtime(torch.device(device), torch.float32, "sdpa", 1, "test")
+    on = lambda device, dtype=torch.bfloat16: Runtime(torch.device(device), dtype, "sdpa", 1, "test")
     assert G.make_generation_model(cfg, on("cpu"), model, 10, 2).packed == packing_available()
+    assert not G.make_generation_model(cfg, on("cpu", torch.float32), model, 10, 2).packed  # no faster at fp32
     assert not G.make_generation_model(cfg, on("cuda"), model, 10, 2).packed
     cfg.rollout.generation_linear = "packed"
     with pytest.raises(UserError, match="--generation_linear packed needs an x86 CPU"):
         G.make_generation_model(cfg, on("cuda"), model, 10, 2)
+    if packing_available():
+        assert G.make_generation_model(cfg, on("cpu", torch.float32), model, 10, 2).packed  # forced: at fp32 too
     monkeypatch.setattr(G, "packing_available", lambda: True)  # an x86 CPU, whatever this machine is
     cfg.rollout.generation_linear = "auto"
     need = G.copy_bytes(model, packed=True)
@@ -209,3 +214,28 @@ def test_auto_packs_on_an_x86_cpu_only(tmp_path, tiny_model_dir, monkeypatch):
     assert holder.packed and holder.merged  # LoRA is merged into the packed weights
     lora.rollout.lora_generation = "adapters"
     assert not G.make_generation_model(lora, on("cpu"), policy, 10, 2).packed
+
+
+@needs_packing
+def test_packed_run_samples_what_the_plain_run_samples(tmp_path, tiny_model_dir):
+    """The user's path on an x86 CPU at bf16 (auto packs there): a full fine-tuning run with evaluation, and the
+    same run generating through the model's own layers; packing is exact in bf16, so with one seed both sample
+    the same responses at every step, updates in between included."""
+    import json
+
+    runs = {}
+    for linear in ("packed", "plain"):
+        out = tmp_path / linear
+        out.mkdir()
+        proc = run_cli(*tiny_args(out, tiny_model_dir, "--num_training_steps", "3", "--policy_dtype", "bfloat16", "--generation_linear", linear,
+                                  "--reference_mode", "none", "--beta", "0", "--dataset_mixer_eval_list", str(out / "rows.jsonl"), "4",
+                                  "--num_evals", "1"))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert ("linear weights pre-packed for oneDNN" in proc.stdout) == (linear == "packed")
+        lines = [json.loads(line) for line in (out / "out" / "e2e" / "metrics.jsonl").read_text().splitlines()]
+        steps = [m for m in lines if "reward/mean" in m]
+        assert len(steps) == 3
+        runs[linear] = [(m["reward/mean"], m["rollout/response_length_mean"]) for m in steps]
+        runs[linear + " eval"] = [json.loads(line)["response"] for f in sorted((out / "out" / "e2e" / "evals").glob("*.jsonl"))
+                                  for line in f.read_text().splitlines()]
+    assert runs["packed"] == runs["plain"] and runs["packed eval"] == runs["plain eval"] and runs["packed eval"]
