@@ -112,7 +112,7 @@ class GenerationModel:
         self._stale = True
 
     def weights_changed(self) -> None:
-        """An optimizer step moved the policy: refresh the merged copy before the next generation."""
+        """An optimizer step moved the policy: refresh the copy (merged and/or packed) before the next generation."""
         self._stale = True
 
     def model(self) -> nn.Module:
@@ -120,9 +120,11 @@ class GenerationModel:
             return self.policy
         adapted = dict(_adapted_layers(_base(self.policy)))
         if self._copy is None:
-            self._copy = _plain_copy(self.policy)
+            self._copy = _plain_copy(self.policy, log_merge=not self.packed)
             if self.packed:
                 self._packed_layers = _pack_linears(self._copy, set(adapted))
+                log.info("generation copy: %d linear layers packed for oneDNN (%.0f MB)%s", len(self._packed_layers),
+                         copy_bytes(self.policy, packed=True) / 2**20, f", {len(adapted)} with LoRA merged in" if adapted else "")
         elif self._stale and self.packed:
             for name, layer in self._packed_layers:
                 if name in adapted:
@@ -143,7 +145,7 @@ def _base(policy: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _plain_copy(policy) -> nn.Module:
+def _plain_copy(policy, log_merge: bool = True) -> nn.Module:
     """A model of the base's class and config holding merged_state(policy): new tensors for the adapted
     weights, the policy's own for the rest (all of them for a model without adapters)."""
     from transformers import AutoModelForCausalLM
@@ -165,7 +167,7 @@ def _plain_copy(policy) -> nn.Module:
     copy.generation_config = base.generation_config
     copy.requires_grad_(False)
     copy.eval()
-    if adapted:
+    if adapted and log_merge:
         log.info("LoRA generation: a merged copy of %d adapted layers (%.0f MB)", len(adapted),
                  sum(copy.get_parameter(f"{n}.weight").nbytes for n in adapted) / 2**20)
     return copy
