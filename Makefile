@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 # (beta 0), the strict reward (1 only for the right number after ####), a system prompt with one worked example
 # of the format (examples/arithmetic_system_prompt.txt), greedy strict accuracy on held-out problems in new wording
 # (test_rephrased) before, during and after, a table at the end, curves.png, and the model in
-# output_open_instruct2/demo (an older demo folder is moved aside, never deleted). ~25 minutes on a 2-core CPU.
+# output_open_instruct2/demo (an older demo folder is moved aside, never deleted). 15-21 minutes on a 2-core AMX CPU (bf16).
 DEMO_DIR := output_open_instruct2/demo
 RUN_ARGS ?= --train_mode lora --learning_rate 2e-4 --reference_mode none --beta 0 \
 	--num_training_steps 70 --num_unique_prompts_rollout 4 --num_samples_per_prompt_rollout 8 --response_length 64 \
