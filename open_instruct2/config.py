@@ -36,7 +36,7 @@ def documented(group: str):
         for f in dataclasses.fields(cls):
             if f.name not in docs:
                 raise TypeError(f"{cls.__name__}.{f.name} has no docstring")
-            f.metadata = MappingProxyType({**f.metadata, "help": docs[f.name]})
+            f.metadata = MappingProxyType({**f.metadata, "help": docs[f.name].replace("%", "%%")})  # argparse formats help with %
         cls._argument_group_name = group
         return cls
 
