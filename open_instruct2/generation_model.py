@@ -75,7 +75,6 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, source: torch.Tensor | None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = linear.bias
         self.source = source
         self.pack(linear.weight)
@@ -118,20 +117,25 @@ class GenerationModel:
     def model(self) -> nn.Module:
         if not (self.merged or self.packed):
             return self.policy
+        if self._copy is not None and not self._stale:
+            return self._copy
         adapted = dict(_adapted_layers(_base(self.policy)))
         if self._copy is None:
-            self._copy = _plain_copy(self.policy, log_merge=not self.packed)
+            self._copy = _plain_copy(self.policy)
             if self.packed:
                 self._packed_layers = _pack_linears(self._copy, set(adapted))
                 log.info("generation copy: %d linear layers packed for oneDNN (%.0f MB)%s", len(self._packed_layers),
                          copy_bytes(self.policy, packed=True) / 2**20, f", {len(adapted)} with LoRA merged in" if adapted else "")
-        elif self._stale and self.packed:
+            else:
+                log.info("LoRA generation: a merged copy of %d adapted layers (%.0f MB)", len(adapted),
+                         copy_bytes(self.policy, packed=False) / 2**20)
+        elif self.packed:
             for name, layer in self._packed_layers:
                 if name in adapted:
                     layer.pack(merged_delta(adapted[name]))
-                elif adapted == {}:  # full fine-tuning: every weight may have moved (LoRA's frozen ones have not)
+                elif not adapted:  # full fine-tuning: every weight may have moved (LoRA's frozen ones have not)
                     layer.pack(layer.source)
-        elif self._stale:
+        else:
             params = dict(self._copy.named_parameters(remove_duplicate=False))
             for name, module in adapted.items():
                 params[f"{name}.weight"].copy_(merged_delta(module))  # in place: addresses stay (compiled graphs)
@@ -145,13 +149,12 @@ def _base(policy: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _plain_copy(policy, log_merge: bool = True) -> nn.Module:
+def _plain_copy(policy) -> nn.Module:
     """A model of the base's class and config holding merged_state(policy): new tensors for the adapted
     weights, the policy's own for the rest (all of them for a model without adapters)."""
     from transformers import AutoModelForCausalLM
 
     base = _base(policy)
-    adapted = [name for name, _ in _adapted_layers(base)]
     weight = next(base.parameters())
     # The random initialisation (replaced at once) must not draw from the run's generators: the samples of a run,
     # and of a resumed one, would depend on when the copy was built. MPS's generator is not guarded here.
@@ -167,9 +170,6 @@ def _plain_copy(policy, log_merge: bool = True) -> nn.Module:
     copy.generation_config = base.generation_config
     copy.requires_grad_(False)
     copy.eval()
-    if adapted and log_merge:
-        log.info("LoRA generation: a merged copy of %d adapted layers (%.0f MB)", len(adapted),
-                 sum(copy.get_parameter(f"{n}.weight").nbytes for n in adapted) / 2**20)
     return copy
 
 
