@@ -115,27 +115,64 @@ def newest_state(run_dir: str) -> str | None:
 
 
 def remove_partial_saves(run_dir: str) -> None:
-    """Temporary folders a crash left behind mid-save; complete checkpoints are never touched."""
+    """Temporary folders a crash left behind mid-save; complete checkpoints are never touched.
+
+    Re-saving a step passes through a moment where only `.step_N.old` (the previous save) and `.step_N.tmp` (the
+    new one, complete: it is fsync'ed before the old one is moved aside) exist. A crash there is finished here, not
+    undone: the new folder becomes step_N (or, without it, the old one comes back)."""
     root = os.path.join(run_dir, "checkpoints")
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            if re.fullmatch(r"\.step_\d+\.(tmp|old)", name):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    if not os.path.isdir(root):
+        return
+    names = set(os.listdir(root))
+    for name in sorted(names):
+        match = re.fullmatch(r"\.(step_\d+)\.old", name)
+        if match and match.group(1) not in names:
+            step, tmp = match.group(1), f".{match.group(1)}.tmp"
+            os.rename(os.path.join(root, tmp if tmp in names else name), os.path.join(root, step))
+            log.warning("checkpoint: %s was being replaced when the run stopped; kept the %s copy", step, "new" if tmp in names else "previous")
+            names = set(os.listdir(root))
+    for name in os.listdir(root):
+        if re.fullmatch(r"\.step_\d+\.(tmp|old)", name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def save_final(model, tokenizer, run_dir: str, lora: bool, merged: bool) -> None:
-    """The final model (LoRA: the adapter) and tokenizer at the run folder's root; LoRA may add merged/."""
-    model.save_pretrained(run_dir)
-    tokenizer.save_pretrained(run_dir)
+    """The final model (LoRA: the adapter) and tokenizer at the run folder's root; LoRA may add merged/. Written
+    whole into a hidden folder beside, fsync'ed, then each file renamed into place: a crash mid-save never leaves a
+    half-written weights file where from_pretrained looks."""
+    tmp = os.path.join(run_dir, ".final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        for name in os.listdir(tmp):
+            target = os.path.join(run_dir, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, name), target)
+        _fsync_dir(run_dir)
+    except OSError as e:
+        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        newest = newest_state(run_dir)
+        raise UserError(f"cannot write the final model into {run_dir} ({why})" + (f"; the last state {newest} is intact" if newest else "")
+                        + "; free space or fix the folder's permissions and rerun") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if lora and merged:
         save_pretrained_atomic(model.merge_and_unload(), tokenizer, os.path.join(run_dir, "merged"))
     log.info("saved the final %s to %s", "adapter" if lora else "model", run_dir)
 
 
 def save_config(summary: dict, run_dir: str) -> None:
-    """The resolved configuration, secrets already masked by the caller."""
-    with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
+    """The resolved configuration, secrets already masked by the caller (written beside, then renamed: a rerun's
+    flag check reads it, so it is never half-written)."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:
         json.dump(summary, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def load_config(run_dir: str) -> dict | None:

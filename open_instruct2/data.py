@@ -16,10 +16,13 @@ import numpy as np
 from .bootstrap import is_builtin, load_builtin_dataset
 from .config import parse_mixer
 from .errors import DataError
+from .verifiers import opens_thinking
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
+THINK_TAIL = 16
+"""Tokens at a prompt's end searched for an open <think> (templates put it right before the response)."""
 
 # Named chat templates for tokenizers without one (or to override it): --chat_template_name.
 CHAT_TEMPLATES = {
@@ -51,6 +54,9 @@ class Prompt:
     source: str
     row: int = 0
     """1-based row number within its source, for error messages."""
+    thinking_open: bool = False
+    """The chat template's generation prompt opened a <think> block it did not close (the response starts inside
+    the reasoning; verifiers.final_answer)."""
 
 
 @dataclass
@@ -226,7 +232,7 @@ def build_prompts(
         if len(ids) > max_prompt_token_length:
             too_long += 1
             continue
-        prompts.append(Prompt(ids, messages, truths, names, source, row_number))
+        prompts.append(Prompt(ids, messages, truths, names, source, row_number, opens_thinking(tokenizer.decode(ids[-THINK_TAIL:]))))
     if too_long:
         log.info("data: dropped %d prompts longer than max_prompt_token_length=%d", too_long, max_prompt_token_length)
     if not prompts:

@@ -9,6 +9,8 @@
 - What: `eval/accuracy` (verifier score 1), `eval/<verifier>/accuracy` per verifier name, `eval/reward_mean`
   (the training reward, format and penalties included), response length and truncation; every completion
   to <run>/evals/step_<N>.jsonl.
+- Rubric rows are judged by the run's judge on their own items (`eval/<rubric>/score_mean` too); a row the judge
+  could not score (a call still failing after a retry) is counted in `eval/unscored` and left out of the means.
 """
 
 import json
@@ -22,6 +24,8 @@ from .config import Config
 from .data import Prompt, PromptBatch, build_prompts
 from .rewards import compute_scores
 from .rollout import generate_rollouts
+from .rubrics import RUBRIC_VERIFIERS, rubric_inputs
+from .verifiers import final_answer
 
 
 def eval_schedule(num_training_steps: int, num_evals: int) -> set[int]:
@@ -55,10 +59,12 @@ def load_eval_prompts(cfg: Config, tokenizer, system_prompt: str | None, templat
 
 @torch.no_grad()
 def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batch_size: int,
-             static_width: int | None = None) -> tuple[dict[str, float], list[dict]]:
+             static_width: int | None = None, rubrics=None) -> tuple[dict[str, float], list[dict]]:
     """Greedy answers to every prompt; returns (eval/ metrics, one record per prompt). With a static cache the
     last chunk is filled up to batch_size with repeats of its first prompt (answers dropped): one batch shape,
-    one compile."""
+    one compile. Rubric rows are scored by `rubrics` (the run's RubricScorer: its judge, on each row's own items;
+    rubrics.RubricScorer.score_each); a row it could not score is left out of every mean and counted in
+    eval/unscored, never averaged in as 0."""
     texts, reasons, lengths = [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -71,28 +77,50 @@ def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batc
         texts += r.response_texts[:n]
         reasons += r.finish_reasons[:n]
         lengths += r.response_lengths[:n].tolist()
-    scores = compute_scores(texts, reasons, [p.verifiers for p in prompts], [p.ground_truth for p in prompts], cfg.reward)
-    correct = (scores.verifier_scores >= 1.0).float()
+    thinking = [p.thinking_open for p in prompts]
+    rubric_scores, rubric_metrics = None, {}
+    if rubrics is not None and any(set(p.verifiers) & set(RUBRIC_VERIFIERS) for p in prompts):
+        parsed = [rubric_inputs(p) for p in prompts]
+        answers = [final_answer(t, o) for t, o in zip(texts, thinking)]
+        rubric_scores, calls = rubrics.score_each([q for q, _ in parsed], [items for _, items in parsed], answers)
+        rubric_metrics = {"eval/judge_calls": calls["calls"], "eval/judge_failures": calls["failures"]}
+    scores = compute_scores(texts, reasons, [p.verifiers for p in prompts], [p.ground_truth for p in prompts], cfg.reward,
+                            rubric_scores, thinking)
+    scored = [True] * len(prompts) if scores.valid is None else scores.valid.tolist()
+    correct = (scores.verifier_scores >= 1.0).float().tolist()
+    rewards, values = scores.rewards.tolist(), scores.verifier_scores.tolist()
+    kept = [i for i in range(len(prompts)) if scored[i]]
     metrics = {
-        "eval/accuracy": float(correct.mean()),
-        "eval/reward_mean": float(scores.rewards.mean()),
+        "eval/accuracy": _mean([correct[i] for i in kept]),
+        "eval/reward_mean": _mean([rewards[i] for i in kept]),
         "eval/response_length_mean": sum(lengths) / len(lengths),
         "eval/truncated_fraction": sum(r == "length" for r in reasons) / len(reasons),
         "eval/prompts": float(len(prompts)),
+        **rubric_metrics,
     }
+    if len(kept) < len(prompts):
+        metrics["eval/unscored"] = float(len(prompts) - len(kept))
     by_verifier = defaultdict(list)
-    for p, ok in zip(prompts, correct.tolist()):
-        by_verifier["+".join(p.verifiers)].append(ok)
+    for i, p in enumerate(prompts):
+        by_verifier["+".join(p.verifiers)].append(i)
     if len(by_verifier) > 1 or cfg.reward.apply_verifiable_reward:
-        for name, values in sorted(by_verifier.items()):
-            metrics[f"eval/{name}/accuracy"] = sum(values) / len(values)
+        for name, rows in sorted(by_verifier.items()):
+            rows = [i for i in rows if scored[i]]
+            metrics[f"eval/{name}/accuracy"] = _mean([correct[i] for i in rows])
+            if set(name.split("+")) & set(RUBRIC_VERIFIERS):  # a rubric score is rarely a perfect 1: its mean says more
+                metrics[f"eval/{name}/score_mean"] = _mean([values[i] for i in rows])
     records = [
         {"prompt": _question(p), "response": t, "ground_truth": p.ground_truth, "verifiers": p.verifiers,
-         "reward": float(scores.rewards[i]), "verifier_score": float(scores.verifier_scores[i]), "finish_reason": reasons[i],
+         "reward": rewards[i], "verifier_score": values[i], "scored": scored[i], "finish_reason": reasons[i],
          "length": lengths[i], "source": f"{p.source} row {p.row}"}
         for i, (p, t) in enumerate(zip(prompts, texts))
     ]
     return metrics, records
+
+
+def _mean(values: list[float]) -> float:
+    """The mean, 0 for no values (every row of a group unscored: eval/unscored says so)."""
+    return sum(values) / len(values) if values else 0.0
 
 
 def _question(prompt: Prompt) -> str:

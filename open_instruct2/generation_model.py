@@ -17,6 +17,7 @@ the linear weights. At fp32 it measured no faster (auto leaves it off).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -60,12 +61,21 @@ PACK_ROWS_HINT = 8
 """The row count oneDNN is told to pack for (a decoding step's batch); any row count computes the same."""
 
 
-def packing_available() -> bool:
-    """Whether this torch can pre-pack linear weights for oneDNN (x86 builds with mkldnn)."""
+@functools.lru_cache(maxsize=4)
+def packing_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch can pre-pack linear weights of `dtype` for oneDNN on this CPU: x86 builds with mkldnn,
+    and for bf16 a CPU with the instructions oneDNN's bf16 path needs (AVX512-BW/VL/DQ or AVX-NE-CONVERT; an
+    AVX2-only CPU refuses it), found out by packing one small weight."""
     import platform
 
-    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    if not (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), PACK_ROWS_HINT)
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):
@@ -206,10 +216,11 @@ def make_generation_model(cfg: Config, runtime: Runtime, policy: nn.Module, long
     ro, lora = cfg.rollout, cfg.lora.train_mode == "lora"
     static = ro.generation_cache == "static" or (ro.generation_cache == "auto" and cuda and steps >= COMPILE_WORTH_STEPS)
     hf_generates = ro.rollout_backend == "hf" or cfg.tracking.num_evals > 0  # rollouts here, or evaluation
-    can_pack = cpu and packing_available()
+    can_pack = cpu and packing_available(runtime.dtype)
     if ro.generation_linear == "packed" and not can_pack:
-        raise UserError(f"--generation_linear packed needs an x86 CPU with oneDNN, and this run generates on {runtime.device.type}"
-                        f"{'' if not cpu else ' without it'}; use --generation_linear auto or plain")
+        why = runtime.device.type if not cpu else f"a CPU whose oneDNN cannot pack {str(runtime.dtype).removeprefix('torch.')} weights"
+        raise UserError(f"--generation_linear packed needs an x86 CPU with oneDNN (for bf16: AVX512 or AMX), and this run generates on {why}; "
+                        "use --generation_linear auto or plain")
     packed = ro.generation_linear == "packed"
     bf16 = runtime.dtype == torch.bfloat16  # fp32 measured no faster packed (its weights' reads dominate), +0.5 GB
     if ro.generation_linear == "auto" and hf_generates and can_pack and bf16 and not (lora and ro.lora_generation == "adapters"):

@@ -11,7 +11,8 @@
   failure, not a 2).
 - Concurrency: `ask_all` runs a step's requests on `--llm_judge_max_concurrency` threads.
 - Failures are results, never exceptions and never a made-up score: `JudgeResult.value` is None and `error`
-  says why; the caller leaves that item out and counts it.
+  says why (an HTTP error, a timeout, a reply with no choices or no text, one that does not validate, or anything
+  else the client raises); the caller leaves that item out and counts it.
 """
 
 import json
@@ -91,6 +92,17 @@ def parse_json_object(text: str) -> dict:
     raise ValueError(f"no JSON object in the reply: {text[:120]!r}")
 
 
+def reply_text(reply) -> str:
+    """The text of a chat completion's first choice; ValueError (an unusable reply, counted) when there is none."""
+    choices = getattr(reply, "choices", None)
+    if not choices:
+        raise ValueError("the reply has no choices")
+    content = getattr(getattr(choices[0], "message", None), "content", None)
+    if not isinstance(content, str):
+        raise ValueError(f"the reply's first choice has no text (finish reason {getattr(choices[0], 'finish_reason', None)!r})")
+    return content
+
+
 class Judge:
     def __init__(self, settings: JudgeSettings):
         from openai import OpenAI
@@ -120,6 +132,8 @@ class Judge:
             return JudgeResult(None, f"cannot connect ({type(e).__name__})", time.perf_counter() - start)
         except openai.OpenAIError as e:
             return JudgeResult(None, f"{type(e).__name__}: {str(e)[:160]}", time.perf_counter() - start)
+        except Exception as e:  # noqa: BLE001 - anything else a reply or the client throws is one failed call, never a crash
+            return JudgeResult(None, f"{type(e).__name__}: {str(e)[:160]}", time.perf_counter() - start)
 
     def _complete(self, messages: list[dict], schema: dict, name: str) -> str:
         import openai
@@ -131,7 +145,7 @@ class Judge:
                 reply = self.client.chat.completions.create(
                     **kwargs, response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
                 )
-                return reply.choices[0].message.content
+                return reply_text(reply)
             except openai.BadRequestError as e:
                 if not re.search(r"response_format|json_schema|structured|guided", str(e), flags=re.IGNORECASE):
                     raise
@@ -140,7 +154,7 @@ class Judge:
                         log.warning("judge: %s refused structured output (%s); parsing plain replies from now on", s.base_url, str(e)[:120])
                     self.structured = False
         reply = self.client.chat.completions.create(**kwargs)
-        return reply.choices[0].message.content
+        return reply_text(reply)
 
     def ask_all(self, requests: list[tuple[list[dict], dict, str, Callable[[dict], dict]]]) -> list[JudgeResult]:
         """Every request of a step, concurrently; results in order."""

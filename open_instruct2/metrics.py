@@ -68,8 +68,16 @@ def sample_rows(rollouts: Rollouts, prompts: list[Prompt], scores: Scores, limit
 def update_note(metrics: dict[str, float], selected: LossRows) -> str | None:
     """Why a step made no policy-gradient update, for the console line (None when it made one)."""
     if not selected.rows:
-        return "no update: every response was truncated and --mask_truncated_completions is on"
+        why = []
+        if selected.unscored:
+            why.append(f"{selected.unscored} had no reward (the judge could not score them)")
+        if selected.masked_truncated:
+            why.append(f"{selected.masked_truncated} were truncated (--mask_truncated_completions is on)")
+        return "no update: no response was left for the loss: " + " and ".join(why) if why else "no update: no response was left for the loss"
     if metrics.get("train/optimizer_steps", 0.0) == 0.0:
+        if metrics.get("train/nonfinite_updates", 0.0) > 0:
+            return (f"no update: the loss or gradient was not finite, so the {int(metrics['train/nonfinite_updates'])} optimizer step(s) "
+                    "were skipped (weights and AdamW untouched; --max_nonfinite_updates such steps in a row stop the run)")
         return "no update: every group had equal rewards (no signal)"
     if metrics["rollout/zero_std_group_fraction"] == 1.0:
         if "train/kl" in metrics:

@@ -52,7 +52,8 @@ def format_score(text: str) -> float:
     return 1.0 if R1_FORMAT.match(text) else 0.0
 
 
-def verify(text: str, verifiers: list[str], ground_truths: list[str], rubric_score: float | None = None) -> float | None:
+def verify(text: str, verifiers: list[str], ground_truths: list[str], rubric_score: float | None = None,
+           thinking_open: bool = False) -> float | None:
     """Score of one response's final answer (verifiers.final_answer) in [0, 1] (a rubric score may be below 0).
 
     One verifier, one ground truth: its score. One verifier, several ground truths: the best of them
@@ -60,7 +61,7 @@ def verify(text: str, verifiers: list[str], ground_truths: list[str], rubric_sco
     reward stays within [0, verification_reward]; open-instruct sums them instead. A rubric verifier's score
     is the judge's (rubric_score); None when the judge answered nothing for this response.
     """
-    answer = final_answer(text)
+    answer = final_answer(text, thinking_open)
 
     def one(name: str, truth: str) -> float | None:
         return rubric_score if name in RUBRIC_VERIFIERS else float(VERIFIERS[name](answer, truth))
@@ -79,14 +80,17 @@ def compute_scores(
     ground_truths: list[list[str]],
     cfg: RewardConfig,
     rubric_scores: list[float | None] | None = None,
+    thinking_open: list[bool] | None = None,
 ) -> Scores:
+    """thinking_open: per sample, whether its prompt opened a <think> block (verifiers.final_answer); None: none did."""
     n = len(texts)
     verifier_scores, errors, first_error = torch.zeros(n), 0, None
     valid = torch.ones(n, dtype=torch.bool)
     if cfg.apply_verifiable_reward:
         for i in range(n):
             try:
-                value = verify(texts[i], verifiers[i], ground_truths[i], None if rubric_scores is None else rubric_scores[i])
+                value = verify(texts[i], verifiers[i], ground_truths[i], None if rubric_scores is None else rubric_scores[i],
+                               bool(thinking_open and thinking_open[i]))
                 if value is None:  # a rubric row the judge answered nothing for: no reward this step
                     valid[i] = False
                     continue

@@ -10,9 +10,15 @@ Score of a response (each item judged on its own call, 0-2, scaled to [0, 1]):
 
 The denominator is the positive weight, not all weight: a response that fully meets every positive item and
 shows none of the negative ones scores exactly 1, and each flaw it shows (a negative item) takes off its share,
-so scores run from -(negative weight / positive weight) to 1 (with no positive item scored: sum |w|). A failed
-judge call leaves that item out of both sums (counted); a response with no answered item gets no rubric
-reward that step: it is left out of the group's advantages and of the loss, not scored 0.
+so scores run from -(negative weight / positive weight) to 1 (with no positive item scored: sum |w|).
+
+Judge failures never become scores. A failed call is asked once more at the end of the step; what still fails is
+counted, and the group is scored only on the items every one of its responses got an answer for (group_scores):
+otherwise one 429 on one answer's positive item scores two identical answers 1.0 and 0.0. A response with no
+answered item gets no rubric reward that step: it is left out of the group's advantages and of the loss, not
+scored 0. A response with no final answer (cut off inside <think>: verifiers.final_answer) scores 0 on every item,
+without a call. The judge sees each response inside a fence with a random id (judge_prompts.py): text in it is
+graded, never obeyed.
 - `--use_general_rubric`: rubric rows are judged on one fixed general rubric (comprehensive, factual,
   coherent) instead of their own items. `--use_likert_rubric`: one holistic 1-10 call per response, / 10.
 - `--normalize_rubric_scores`: before weighting, each item's scores become z-scores across the prompt's group
@@ -23,8 +29,10 @@ reward that step: it is left out of the group's advantages and of the loss, not 
   every item the prompt has had, and used to score the same rollouts (the rollouts that showed the difference
   are the ones that pay for it). A prompt whose proposal fails is skipped that step and counted.
 - `--use_rubric_buffer`: per prompt, `static` (the row's items), `persistent` (never retired), `active` and
-  `inactive` lists, plain JSON (saved with the training state). After scoring, active items with zero
-  variance across the group are retired; above `--max_active_rubrics` the highest-variance ones stay.
+  `inactive` lists, plain JSON (saved with the training state). After scoring, active items measured with zero
+  variance across the group (two or more answered scores, all equal) are retired; an item with fewer answers is
+  kept, and a prompt whose calls all failed leaves its entry untouched that step (an outage measures nothing);
+  above `--max_active_rubrics` the highest-variance ones stay.
   `--use_static_rubrics_as_persistent_rubrics true` makes the row's items persistent; false puts them in
   `active` and re-adds missing ones every `--add_static_rubrics_to_active_rubrics_every_n_steps` steps.
   Without the buffer, adaptive items live for the step that proposed them.
@@ -36,7 +44,9 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
-from .judge import Judge, JudgeResult, estimate_tokens, fit, latency_percentiles
+from .judge import Judge, JudgeResult, latency_percentiles
+from .judge_prompts import (likert_request, proposal_request, score_request, validate_likert, validate_proposal,  # noqa: F401
+                            validate_score)
 
 RUBRIC_VERIFIERS = ("general_rubric", "rubric")
 
@@ -119,10 +129,25 @@ def normalize_across_group(table: list[list[float | None]]) -> list[list[float |
     return out
 
 
-def variance(values: list[float | None]) -> float:
+def group_scores(table: list[list[float | None]], weights: list[float], normalize: bool = False) -> tuple[list[float | None], int]:
+    """Rubric scores of one prompt's group. table[k][j]: response k's score on item j (None: the judge gave no
+    answer). A response with no answer at all is unscored (None); the others are all scored on the items every one
+    of them has an answer for, so a failed call cannot make two equal responses differ (scoring each response on its
+    own answered items would: 1.0 against 0.0 for two identical answers when one lost its positive item). Returns
+    (scores, items left out of the group's score)."""
+    scored = [k for k, row in enumerate(table) if any(v is not None for v in row)]
+    common = [j for j in range(len(weights)) if all(table[k][j] is not None for k in scored)]
+    kept = [[row[j] if k in scored and j in common else None for j in range(len(weights))] for k, row in enumerate(table)]
+    rows = normalize_across_group(kept) if normalize else kept
+    scores = [weighted_score(row, weights) if k in scored and common else None for k, row in enumerate(rows)]
+    return scores, (len(weights) - len(common)) if scored else 0
+
+
+def variance(values: list[float | None]) -> float | None:
+    """Population variance of the answered values; None when fewer than two were answered (nothing measured)."""
     column = [v for v in values if v is not None]
     if len(column) < 2:
-        return 0.0
+        return None
     mean = sum(column) / len(column)
     return sum((v - mean) ** 2 for v in column) / len(column)
 
@@ -143,15 +168,20 @@ def known_keys(entry: dict) -> set[str]:
     return {Rubric(**r).key for lst in ("persistent", "active", "inactive") for r in entry[lst]}
 
 
-def update_entry(entry: dict, added: list[Rubric], variances: dict[str, float], max_active: int) -> tuple[list[dict], list[dict]]:
-    """After scoring: add new items, retire active ones the group did not tell apart, cap by variance.
+def update_entry(entry: dict, added: list[Rubric], variances: dict[str, float | None], max_active: int) -> tuple[list[dict], list[dict]]:
+    """After scoring: add new items, retire active ones the group was measured not to tell apart (variance 0 over
+    two or more answered scores; an item with fewer answers is kept: nothing was measured), cap by variance.
     Returns (added, retired) as dicts. Persistent items are never retired."""
     added_dicts = [asdict(r) for r in added]
+
+    def measured(r: dict) -> float | None:
+        return variances.get(Rubric(**r).key)
+
     active = entry["active"] + added_dicts
-    keep = [r for r in active if variances.get(Rubric(**r).key, 0.0) > 0]
-    retired = [r for r in active if variances.get(Rubric(**r).key, 0.0) <= 0]
+    retired = [r for r in active if measured(r) is not None and measured(r) <= 0]
+    keep = [r for r in active if not (measured(r) is not None and measured(r) <= 0)]
     if len(keep) > max_active:
-        keep.sort(key=lambda r: -variances.get(Rubric(**r).key, 0.0))
+        keep.sort(key=lambda r: -(measured(r) or 0.0))
         retired += keep[max_active:]
         keep = keep[:max_active]
     entry["active"] = keep
@@ -169,84 +199,10 @@ def readd_static(entry: dict) -> list[dict]:
     return back
 
 
-# ---------------------------------------------------------------- judge requests
-
-SCORE_SCHEMA = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 2}}, "required": ["score"]}
-LIKERT_SCHEMA = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10}}, "required": ["score"]}
-_ITEMS = {"type": "array", "items": {"type": "object", "properties": {"title": {"type": "string"}, "description": {"type": "string"}},
-                                     "required": ["title", "description"]}, "maxItems": 5}
-PROPOSAL_SCHEMA = {"type": "object", "properties": {"positive": {**_ITEMS, "minItems": 1}, "negative": _ITEMS}, "required": ["positive", "negative"]}
-
-JUDGE_SYSTEM = "You are a careful, strict grader. You answer with one JSON object and nothing else."
-
-
-def _number(value, low: float, high: float) -> float:
-    if isinstance(value, str):
-        value = value.strip()
-        value = float(value) if re.fullmatch(r"-?\d+(\.\d+)?", value) else value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ValueError(f"score {value!r} is not a number from {low:g} to {high:g}")
-    return float(value)
-
-
-def validate_score(obj: dict) -> dict:
-    return {"score": _number(obj.get("score"), 0, 2)}
-
-
-def validate_likert(obj: dict) -> dict:
-    return {"score": _number(obj.get("score"), 1, 10)}
-
-
-def validate_proposal(obj: dict) -> dict:
-    out = {}
-    for side in ("positive", "negative"):
-        items = obj.get(side, [])
-        if not isinstance(items, list):
-            raise ValueError(f'"{side}" is not a list')
-        out[side] = [{"title": str(i.get("title") or "").strip(), "description": i["description"].strip()}
-                     for i in items if isinstance(i, dict) and isinstance(i.get("description"), str) and i["description"].strip()]
-    if not 1 <= len(out["positive"]) + len(out["negative"]) <= 10:
-        raise ValueError(f"{len(out['positive']) + len(out['negative'])} usable items; want 1 to 5")
-    return out
-
-
-def words(text: str, limit: int) -> str:
-    parts = text.split()
-    return text if len(parts) <= limit else " ".join(parts[:limit]) + " [...]"
-
-
-def score_request(query: str, response: str, item: Rubric, max_context: int):
-    head = f"Question:\n{query}\n\nResponse:\n"
-    tail = (f"\n\nCriterion: {item.title}. {item.description}\n\nHow well does the response meet the criterion? "
-            "0 = not at all, 1 = partly, 2 = fully. (If the criterion describes a flaw, rate how clearly the response shows "
-            'that flaw.) Answer with JSON: {"score": 0, 1 or 2}.')
-    room = max_context - estimate_tokens(JUDGE_SYSTEM + head + tail)
-    messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": head + fit(response, room) + tail}]
-    return messages, SCORE_SCHEMA, "rubric_score", validate_score
-
-
-def likert_request(query: str, response: str, max_context: int):
-    head = f"Question:\n{query}\n\nResponse:\n"
-    tail = '\n\nRate the overall quality of the response from 1 (useless) to 10 (excellent). Answer with JSON: {"score": 1 to 10}.'
-    room = max_context - estimate_tokens(JUDGE_SYSTEM + head + tail)
-    messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": head + fit(response, room) + tail}]
-    return messages, LIKERT_SCHEMA, "likert_score", validate_likert
-
-
-def proposal_request(query: str, responses: list[str], existing: list[Rubric], max_context: int, word_limit: int):
-    listed = "\n".join(f"- {r.title}: {r.description} (weight {r.weight:+g})" for r in existing) or "(none yet)"
-    head = f"Question:\n{query}\n\nCriteria already used:\n{listed}\n\n"
-    tail = ("Write new criteria (at most 5 in all) that tell the better of these responses from the worse: 'positive' ones "
-            "describe qualities of the best responses, 'negative' ones describe flaws that some responses show. Do not repeat "
-            'the criteria already used. Answer with JSON: {"positive": [{"title": ..., "description": ...}], "negative": [...]}.')
-    room = max_context - estimate_tokens(JUDGE_SYSTEM + head + tail)
-    per = max(16, room // max(1, len(responses)))
-    shown = "".join(f"Response {i + 1}:\n{fit(words(r, word_limit), per)}\n\n" for i, r in enumerate(responses))
-    messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": head + shown + tail}]
-    return messages, PROPOSAL_SCHEMA, "rubric_proposal", validate_proposal
-
-
 # ---------------------------------------------------------------- one step
+
+FAILURE_RATE_WARNING = 0.25
+"""A step where more than this share of the judge calls failed (after the retry) says so in its warning."""
 
 
 @dataclass
@@ -259,7 +215,11 @@ class RubricScores:
 
 
 class RubricScorer:
-    """Scores a step's rubric rows; owns the judge(s), keeps the buffer in the dict it is given."""
+    """Scores a step's rubric rows; owns the judge(s), keeps the buffer in the dict it is given.
+
+    A response with no final answer ("": cut off inside <think>, verifiers.final_answer) scores 0 on every item
+    without a judge call. Every failed call is asked once more at the end of the step; what still fails is counted
+    and left out as group_scores says."""
 
     def __init__(self, cfg, judge: Judge, proposer: Judge | None = None):
         self.cfg, self.judge, self.proposer = cfg, judge, proposer or judge
@@ -270,8 +230,61 @@ class RubricScorer:
         samples, those of one prompt contiguous (final answers, already extracted)."""
         rc = self.cfg
         prompts = [p for p, q in enumerate(queries) if q is not None]
-        entries = {}
-        readded = 0
+        entries, readded = self._entries(step, prompts, keys, statics, buffer)
+        proposals, skipped = self._proposals(prompts, queries, responses, group, entries)
+        items = {p: ([] if rc.use_likert_rubric else scoring_items(entries[p]) + proposals.get(p, [])) for p in prompts}
+        judged, calls = self._judge_items(prompts, queries, responses, group, items)
+        scores: list[float | None] = [None] * len(responses)
+        added_total = retired_total = dropped_total = 0
+        records = []
+        for p in prompts:
+            table = [[0.0 if responses[p * group + k] == "" else v for v in judged[p][k]] for k in range(group)]  # no answer: 0
+            weights = [1.0] if rc.use_likert_rubric else [r.weight for r in items[p]]
+            group_values, dropped = group_scores(table, weights, rc.normalize_rubric_scores and not rc.use_likert_rubric)
+            scores[p * group : (p + 1) * group] = group_values
+            dropped_total += dropped
+            measured = any(v is not None for row in judged[p] for v in row)  # an outage measures nothing: the buffer waits
+            added, retired = [], []
+            if rc.use_rubric_buffer and measured:
+                variances = {r.key: variance([judged[p][k][j] for k in range(group)]) for j, r in enumerate(items[p])}
+                added, retired = update_entry(entries[p], proposals.get(p, []), variances, rc.max_active_rubrics)
+            elif not rc.use_rubric_buffer:
+                added = [asdict(r) for r in proposals.get(p, [])]
+            added_total += len(added)
+            retired_total += len(retired)
+            records.append({
+                "step": step, "prompt_id": keys[p], "query": queries[p], "added": added, "retired": retired,
+                "active": entries[p]["persistent"] + entries[p]["active"] if rc.use_rubric_buffer else [asdict(r) for r in items[p]],
+                "skipped": p not in proposals and rc.apply_adaptive_rubric_reward, "buffer_skipped": rc.use_rubric_buffer and not measured,
+                "scores": {r.description: _mean_std([judged[p][k][j] for k in range(group)]) for j, r in enumerate(items[p])},
+            })
+        failures = sum(r.value is None for r in calls["results"])
+        asked = len(calls["results"]) + (len(prompts) if rc.apply_adaptive_rubric_reward and not rc.use_likert_rubric else 0)
+        metrics = {
+            "rubric/judge_calls": float(asked),
+            "rubric/judge_failures": float(failures + skipped),
+            "rubric/judge_retries": float(calls["retried"]),
+            "rubric/judge_failure_rate": (failures + skipped) / asked if asked else 0.0,
+            "rubric/unscored_responses": float(sum(1 for p in prompts for k in range(group) if scores[p * group + k] is None)),
+            "rubric/dropped_items": float(dropped_total),
+            "rubric/no_final_answer": float(sum(1 for p in prompts for k in range(group) if responses[p * group + k] == "")),
+            "rubric/added": float(added_total),
+            "rubric/retired": float(retired_total),
+            "rubric/readded_static": float(readded),
+            "rubric/active": float(sum(len(items[p]) for p in prompts)),
+            "rubric/skipped_prompts": float(skipped),
+            **latency_percentiles(calls["results"]),
+        }
+        answered = [s for s in scores if s is not None]
+        if answered:
+            metrics["rubric/reward_mean"] = sum(answered) / len(answered)
+        warn_failures(calls["results"], metrics)
+        return RubricScores(scores, metrics, records)
+
+    def _entries(self, step: int, prompts: list[int], keys: list[str], statics: list[list[Rubric]], buffer: dict) -> tuple[dict, int]:
+        """Each rubric prompt's buffer entry (a throwaway one without the buffer), static items re-added when due."""
+        rc = self.cfg
+        entries, readded = {}, 0
         for p in prompts:
             static = GENERAL_RUBRIC if rc.use_general_rubric else statics[p]
             entry = buffer.setdefault(keys[p], new_entry(static, rc.use_static_rubrics_as_persistent_rubrics)) if rc.use_rubric_buffer \
@@ -279,86 +292,99 @@ class RubricScorer:
             if rc.use_rubric_buffer and not rc.use_static_rubrics_as_persistent_rubrics and step % rc.add_static_rubrics_to_active_rubrics_every_n_steps == 0:
                 readded += len(readd_static(entry))
             entries[p] = entry
-        # 1. adaptive items, proposed from this step's rollouts
+        return entries, readded
+
+    def _proposals(self, prompts: list[int], queries: list[str], responses: list[str], group: int, entries: dict) -> tuple[dict, int]:
+        """Adaptive items proposed from this step's rollouts: ({prompt: new items}, prompts whose proposal failed)."""
+        rc = self.cfg
         proposals: dict[int, list[Rubric]] = {}
+        if not (rc.apply_adaptive_rubric_reward and not rc.use_likert_rubric and prompts):
+            return proposals, 0
+        requests = [proposal_request(queries[p], responses[p * group : (p + 1) * group], scoring_items(entries[p]),
+                                     self.judge.settings.max_context_length, rc.answer_length_limit_in_words) for p in prompts]
         skipped = 0
-        if rc.apply_adaptive_rubric_reward and not rc.use_likert_rubric and prompts:
-            requests = [proposal_request(queries[p], responses[p * group : (p + 1) * group], scoring_items(entries[p]),
-                                         self.judge.settings.max_context_length, rc.answer_length_limit_in_words) for p in prompts]
-            for p, result in zip(prompts, self.proposer.ask_all(requests)):
-                if result.value is None:
-                    skipped += 1
-                    continue
-                seen, new = known_keys(entries[p]), []
-                for side, weight in (("positive", 1.0), ("negative", -1.0)):
-                    for item in result.value[side]:
-                        rubric = Rubric(item["title"] or item["description"][:40], item["description"], weight)
-                        if rubric.key and rubric.key not in seen and len(new) < 5:
-                            seen.add(rubric.key)
-                            new.append(rubric)
-                proposals[p] = new
-        # 2. every (response, item) pair, concurrently
-        items = {p: ([] if rc.use_likert_rubric else scoring_items(entries[p]) + proposals.get(p, [])) for p in prompts}
+        for p, result in zip(prompts, self.proposer.ask_all(requests)):
+            if result.value is None:
+                skipped += 1
+                continue
+            seen, new = known_keys(entries[p]), []
+            for side, weight in (("positive", 1.0), ("negative", -1.0)):
+                for item in result.value[side]:
+                    rubric = Rubric(item["title"] or item["description"][:40], item["description"], weight)
+                    if rubric.key and rubric.key not in seen and len(new) < 5:
+                        seen.add(rubric.key)
+                        new.append(rubric)
+            proposals[p] = new
+        return proposals, skipped
+
+    def _judge_items(self, prompts: list[int], queries: list[str], responses: list[str], group: int, items: dict) -> tuple[dict, dict]:
+        """Every (response, item) call of the step, concurrently, the failed ones asked once more. Returns
+        ({prompt: table[k][j] of scores in [0, 1] or None}, {"results": final results, "retried": count}). Responses
+        with no final answer get no call (None in the table; the caller scores them 0)."""
+        rc = self.cfg
+        scale = 10.0 if rc.use_likert_rubric else 2.0
+        context = self.judge.settings.max_context_length
         requests, where = [], []
         for p in prompts:
             for i in range(p * group, (p + 1) * group):
+                if responses[i] == "":
+                    continue
                 if rc.use_likert_rubric:
-                    requests.append(likert_request(queries[p], responses[i], self.judge.settings.max_context_length))
+                    requests.append(likert_request(queries[p], responses[i], context))
                     where.append((p, i, 0))
                 for j, item in enumerate(items[p]):
-                    requests.append(score_request(queries[p], responses[i], item, self.judge.settings.max_context_length))
+                    requests.append(score_request(queries[p], responses[i], item, context))
                     where.append((p, i, j))
-        results = self.judge.ask_all(requests)
+        results, retried = ask_with_retry(self.judge, requests)
         table = {p: [[None] * max(1, len(items[p])) for _ in range(group)] for p in prompts}
         for (p, i, j), result in zip(where, results):
             if result.value is not None:
-                scale = 10.0 if rc.use_likert_rubric else 2.0
                 table[p][i - p * group][j] = result.value["score"] / scale
-        # 3. scores, buffer upkeep, records
-        scores: list[float | None] = [None] * len(responses)
-        added_total = retired_total = 0
-        records = []
-        for p in prompts:
-            rows = normalize_across_group(table[p]) if rc.normalize_rubric_scores and not rc.use_likert_rubric else table[p]
-            weights = [1.0] if rc.use_likert_rubric else [r.weight for r in items[p]]
-            for k in range(group):
-                scores[p * group + k] = weighted_score(rows[k], weights)
-            variances = {r.key: variance([table[p][k][j] for k in range(group)]) for j, r in enumerate(items[p])}
-            added, retired = [], []
-            if rc.use_rubric_buffer:
-                added, retired = update_entry(entries[p], proposals.get(p, []), variances, rc.max_active_rubrics)
-            else:
-                added = [asdict(r) for r in proposals.get(p, [])]
-            added_total += len(added)
-            retired_total += len(retired)
-            records.append({
-                "step": step, "prompt_id": keys[p], "query": queries[p], "added": added, "retired": retired,
-                "active": entries[p]["persistent"] + entries[p]["active"] if rc.use_rubric_buffer else [asdict(r) for r in items[p]],
-                "skipped": p not in proposals and rc.apply_adaptive_rubric_reward,
-                "scores": {r.description: _mean_std([table[p][k][j] for k in range(group)]) for j, r in enumerate(items[p])},
-            })
-        answered = [s for s in scores if s is not None]
-        failures = sum(r.value is None for r in results)
-        metrics = {
-            "rubric/judge_calls": float(len(results) + (len(prompts) if rc.apply_adaptive_rubric_reward and not rc.use_likert_rubric else 0)),
-            "rubric/judge_failures": float(failures + skipped),
-            "rubric/unscored_responses": float(sum(1 for p in prompts for k in range(group) if scores[p * group + k] is None)),
-            "rubric/added": float(added_total),
-            "rubric/retired": float(retired_total),
-            "rubric/readded_static": float(readded),
-            "rubric/active": float(sum(len(items[p]) for p in prompts)),
-            "rubric/skipped_prompts": float(skipped),
-            **latency_percentiles(results),
-        }
-        if answered:
-            metrics["rubric/reward_mean"] = sum(answered) / len(answered)
-        first_error = next((r.error for r in results if r.error), None)
-        if first_error:
-            metrics_error = f"{failures} of {len(results)} judge calls failed; first: {first_error}"
-            import logging
+        return table, {"results": results, "retried": retried}
 
-            logging.getLogger(__name__).warning("rubric: %s", metrics_error)
-        return RubricScores(scores, metrics, records)
+    def score_each(self, queries: list[str | None], statics: list[list[Rubric] | None], responses: list[str]) -> tuple[list[float | None], dict]:
+        """Evaluation: each response on its row's own items (or the general rubric; likert with use_likert_rubric),
+        no adaptive items, no buffer, no normalisation. A response is scored only when every one of its items was
+        answered (after the retry); else None. Returns (scores, rubric/ metrics of the calls)."""
+        rc = self.cfg
+        rows = [i for i, q in enumerate(queries) if q is not None]
+        items = {i: ([] if rc.use_likert_rubric else GENERAL_RUBRIC if rc.use_general_rubric else statics[i]) for i in rows}
+        table, calls = self._judge_items(rows, queries, responses, 1, items)
+        scores: list[float | None] = [None] * len(responses)
+        for i in rows:
+            values = [0.0 if responses[i] == "" else v for v in table[i][0]]
+            weights = [1.0] if rc.use_likert_rubric else [r.weight for r in items[i]]
+            scores[i] = None if None in values else weighted_score(values, weights)
+        failures = sum(r.value is None for r in calls["results"])
+        warn_failures(calls["results"], {"rubric/judge_calls": float(len(calls["results"])), "rubric/judge_failures": float(failures)})
+        return scores, {"calls": float(len(calls["results"])), "failures": float(failures)}
+
+
+def ask_with_retry(judge: Judge, requests: list) -> tuple[list[JudgeResult], int]:
+    """judge.ask_all, then every failed request once more (a hiccup of one call should not cost its item).
+    Returns (results in order, how many were asked again)."""
+    results = judge.ask_all(requests)
+    failed = [k for k, r in enumerate(results) if r.value is None]
+    if failed:
+        for k, again in zip(failed, judge.ask_all([requests[k] for k in failed])):
+            if again.value is not None:
+                results[k] = again
+    return results, len(failed)
+
+
+def warn_failures(results: list[JudgeResult], metrics: dict[str, float]) -> None:
+    """One warning line for a step with failed judge calls: how many, the rate, the first error."""
+    first_error = next((r.error for r in results if r.error), None)
+    if not first_error:
+        return
+    calls, failures = metrics["rubric/judge_calls"], metrics["rubric/judge_failures"]
+    rate = failures / calls if calls else 1.0
+    high = (f"; over {FAILURE_RATE_WARNING:.0%} of the calls failed, so rubric rewards rest on fewer items and responses: "
+            "check the judge server (--llm_judge_base_url, --llm_judge_timeout, --llm_judge_max_concurrency)") if rate > FAILURE_RATE_WARNING else ""
+    import logging
+
+    logging.getLogger(__name__).warning("rubric: %d of %d judge calls failed after a retry (%.0f%%); first: %s%s",
+                                        failures, calls, 100 * rate, first_error, high)
 
 
 def _mean_std(values: list[float | None]) -> dict:
@@ -366,7 +392,7 @@ def _mean_std(values: list[float | None]) -> dict:
     if not column:
         return {"mean": None, "std": None, "answered": 0}
     mean = sum(column) / len(column)
-    return {"mean": round(mean, 4), "std": round(math.sqrt(variance(column)), 4), "answered": len(column)}
+    return {"mean": round(mean, 4), "std": round(math.sqrt(variance(column) or 0.0), 4), "answered": len(column)}
 
 
 def append_records(run_dir: str, run_name: str, records: list[dict]) -> str:

@@ -5,14 +5,18 @@ A state checkpoint (checkpoints/step_<N>/, written atomically by checkpoint.py) 
 - training_state.pt: the fp32 master weights of low-precision parameters, the AdamW state, the scheduler,
   and the RNG states (Python, NumPy, torch CPU, every CUDA device);
 - training_state.json: the step, episodes seen, the prompt sampler's position, the rubric buffer (plain
-  JSON; empty until rubrics land), and the flags it was trained with.
+  JSON), the evaluations so far (for the before/after table), the failure-streak counters, the wandb run id,
+  the resolved runtime (device kind and dtype) and the master weights' shapes, and the flags it was trained with.
 
 Rerunning the same command continues from the newest state in the run folder: weights, optimizer,
 schedule, data order and random streams come back exactly, so on a CPU the weights at the end are
 bit-identical to an uninterrupted run's (tests/test_resume.py). Metrics after the state's step (a crashed
 run may have logged a few) are dropped from metrics.jsonl and TensorBoard, so the logs continue without
-duplicate or missing steps. Changing a flag that alters the math between the crash and the rerun is refused
-(naming the flag); the flags in HARMLESS may change.
+duplicate or missing steps (adaptive_rubrics_<run>.jsonl too; a torn last line, from a crash mid-write, is
+dropped). Changing a flag that alters the math between the crash and the rerun is refused (naming the flag); the
+flags in HARMLESS may change. The runtime flags (RESOLVED) are compared as what they resolve to: a state saved in
+fp32 is never resumed in bf16 because `--policy_dtype auto` resolves differently on another machine, and
+nothing is restored from a state whose tensors do not fit the model (count and shapes checked first).
 """
 
 import json
@@ -41,7 +45,16 @@ HARMLESS = {
     "reference_startup_timeout_s", "reference_timeout_s", "reference_max_retries", "num_threads", "max_nonfinite_updates",
     # where the rollout server runs (its weights are always the policy's)
     "rollout_vllm_endpoint", "rollout_vllm_port", "rollout_vllm_gpu_memory_utilization", "rollout_vllm_extra_args",
+    "rollout_vllm_served_model_name",
+    # how generation runs, not what it samples (the same distribution; the importance weights correct a copy's rounding)
+    "generation_cache", "generation_linear", "lora_generation", "rollout_vllm_lora_sync",
+    # how the judge is reached (not which judge it is): what the judge-failure message tells a user to fix
+    "llm_judge_base_url", "llm_judge_timeout", "llm_judge_max_retries", "llm_judge_max_concurrency", "llm_judge_api_key_env",
+    "llm_judge_max_failed_steps",
 }
+RESOLVED = {"runtime_target", "device", "policy_dtype"}
+"""Compared as the device kind and dtype they resolve to (saved in the state), not as flags: `--policy_dtype
+float32` continues a state that auto saved in fp32, and auto resolving to bf16 on another machine is refused."""
 
 
 def capture(run, step: int) -> tuple[dict, dict]:
@@ -59,22 +72,64 @@ def capture(run, step: int) -> tuple[dict, dict]:
         "episodes": step * run.derived.rollout_batch_size,
         "sampler": run.sampler.state_dict(),
         "rubric_buffer": run.rubric_buffer,
+        "evals": [[s, m] for s, m in run.evals],
+        "streaks": {"nonfinite": run.nonfinite_streak, "judge": run.judge_streak},
+        "wandb_id": run.tracker.wandb_id,
+        "runtime": runtime_key(run.runtime),
+        "master_shapes": [list(m.shape) for _, m in run.master.pairs],
         "flags": cfg.masked(),
         "train_mode": cfg.lora.train_mode,
     }
     return tensors, meta
 
 
-def saved_step(folder: str) -> int:
+def runtime_key(runtime) -> dict:
+    """What a state must be resumed on: the device kind and the policy's dtype."""
+    return {"device": runtime.device.type, "dtype": str(runtime.dtype).removeprefix("torch.")}
+
+
+def read_meta(folder: str) -> dict:
     with open(os.path.join(folder, STATE_META)) as f:
-        return int(json.load(f)["step"])
+        return json.load(f)
+
+
+def check_resumable(folder: str, runtime, master) -> None:
+    """Refuse, before anything is restored or written, a state saved on another device kind or dtype, or whose
+    master weights do not fit this model (one line naming both sides and the fix)."""
+    meta = read_meta(folder)
+    saved, here = meta.get("runtime"), runtime_key(runtime)
+    if saved is not None and saved != here:
+        raise ConfigError(
+            f"the state in {folder} was trained on {saved['device']} in {saved['dtype']}, but this run resolves to {here['device']} in "
+            f"{here['dtype']}; resume it with --policy_dtype {saved['dtype']}" + (f" --device {saved['device']}" if saved["device"] != here["device"] else "")
+            + " (or start a new run with another --run_name)"
+        )
+    if "master_shapes" in meta:
+        check_masters(folder, meta["master_shapes"], master)
+
+
+def check_masters(folder: str, saved_shapes: list, master) -> None:
+    """The saved fp32 master weights must be one per low-precision trainable parameter, of the same shapes."""
+    shapes = [list(m.shape) for _, m in master.pairs]
+    if [list(s) for s in saved_shapes] != shapes:
+        raise ConfigError(
+            f"the state in {folder} holds {len(saved_shapes)} fp32 master weights, but this run's policy needs {len(shapes)}"
+            f"{' of other shapes' if len(saved_shapes) == len(shapes) else ''} (it was saved at another precision or for another model); "
+            "resume with the flags it was trained with, or start a new run with another --run_name"
+        )
+
+
+def saved_step(folder: str) -> int:
+    return int(read_meta(folder)["step"])
 
 
 def restore(run, folder: str) -> int:
-    """Load a state into a freshly set-up run; returns the step it was saved after."""
-    with open(os.path.join(folder, STATE_META)) as f:
-        meta = json.load(f)
+    """Load a state into a freshly set-up run; returns the step it was saved after. Everything is checked
+    (check_resumable, the masters' count and shapes) before the first tensor is copied."""
+    meta = read_meta(folder)
+    check_resumable(folder, run.runtime, run.master)
     tensors = torch.load(os.path.join(folder, STATE_TENSORS), map_location="cpu", weights_only=False)
+    check_masters(folder, [list(t.shape) for t in tensors["masters"]], run.master)
     load_weights(run.policy, folder, meta["train_mode"] == "lora")
     for (param, master), saved in zip(run.master.pairs, tensors["masters"]):
         master.data.copy_(saved)
@@ -83,6 +138,9 @@ def restore(run, folder: str) -> int:
     run.scheduler.load_state_dict(tensors["scheduler"])
     run.sampler.load_state_dict(meta["sampler"])
     run.rubric_buffer = meta.get("rubric_buffer")
+    run.evals = [(int(s), m) for s, m in meta.get("evals", [])]
+    streaks = meta.get("streaks", {})
+    run.nonfinite_streak, run.judge_streak = int(streaks.get("nonfinite", 0)), int(streaks.get("judge", 0))
     rng = tensors["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -123,7 +181,7 @@ def check_same_flags(run_dir: str, flags: dict) -> None:
     with open(path) as f:
         before = json.load(f).get("flags", {})
     for name, value in flags.items():
-        if name in HARMLESS or name not in before:
+        if name in HARMLESS or name in RESOLVED or name not in before:
             continue
         if json.loads(json.dumps(value, default=str)) != before[name]:
             raise ConfigError(
@@ -132,14 +190,30 @@ def check_same_flags(run_dir: str, flags: dict) -> None:
             )
 
 
-def truncate_logs(run_dir: str, step: int) -> None:
-    """Drop metrics.jsonl lines after `step` (logged by a run that crashed before its next state)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+def truncate_logs(run_dir: str, step: int, run_name: str | None = None) -> None:
+    """Drop the lines after `step` (logged by a run that crashed before its next state) from metrics.jsonl and
+    adaptive_rubrics_<run_name>.jsonl. A line that is not JSON (the torn last line of a crash mid-write) is
+    dropped too, with a warning."""
+    names = ["metrics.jsonl"] + ([f"adaptive_rubrics_{run_name}.jsonl"] if run_name else [])
+    for name in names:
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            continue
+        kept, torn = [], 0
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    torn += 1
+                    continue
+                if record.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        if torn:
+            log.warning("resume: dropped %d unreadable line(s) of %s (a write cut short by the crash)", torn, path)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)

@@ -7,7 +7,8 @@ on its line. metrics.jsonl has one line per step ({"step": N, ...}) and one per 
 "eval/...": ...}; step 0 is the evaluation before training).
 
 wandb (`--with_tracking true`): the same scalars at the same steps, the sample completions as a table, and
-the configuration with secrets masked; WANDB_MODE=offline works without an account.
+the configuration with secrets masked; WANDB_MODE=offline works without an account. A resumed run continues the
+same wandb run (its id is saved with each resumable state; resume="allow").
 """
 
 import json
@@ -56,16 +57,19 @@ class Tracker:
         self.start = time.time()
         self.bar = None
         self.wandb = None
+        self.wandb_id: str | None = None
+        """The wandb run's id (saved with each resumable state: a resumed run continues the same wandb run)."""
         if wandb_settings is not None:
             import wandb
 
             # wandb records the command line: the secrets in it are masked while it looks
             argv, secrets = sys.argv, [v for v in wandb_settings.get("secrets", ()) if v]
             sys.argv = [_mask(a, secrets) for a in argv]
+            self.wandb_id = wandb_settings.get("id") or wandb.util.generate_id()
             try:
                 self.wandb = wandb.init(project=wandb_settings["project"], entity=wandb_settings["entity"], name=wandb_settings["name"],
-                                        config=wandb_settings["config"], dir=run_dir, reinit="finish_previous",
-                                        settings=wandb.Settings(silent=True, console="off"))  # our console stays ours
+                                        config=wandb_settings["config"], dir=run_dir, reinit="finish_previous", id=self.wandb_id,
+                                        resume="allow", settings=wandb.Settings(silent=True, console="off"))  # our console stays ours
             finally:
                 sys.argv = argv
         if sys.stdout.isatty():

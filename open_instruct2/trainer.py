@@ -150,9 +150,9 @@ def train(cfg: Config, stop: StopRequest | None = None) -> str:
                 raise UserError(f"the reference failed at step {step} ({e}); {save_progress(run, step - 1)}") from None
             except RolloutFailure as e:
                 raise UserError(f"the vLLM rollout server failed at step {step} ({e}); {save_progress(run, step - 1)}") from None
-            save_due(run, step)
             check_streaks(run, step, metrics)
             evaluate_if_due(run, step)
+            save_due(run, step)  # after the evaluation and the streaks: the state holds both
             if run.marking(step):
                 run.profiler.mark(f"step_{step}_end", "between steps")
             if stop.requested and step < run.derived.num_training_steps:
@@ -234,7 +234,7 @@ def evaluate_if_due(run: Run, step: int) -> None:
     batch_size = max(cfg.optim.inference_batch_size, cfg.rollout.num_unique_prompts_rollout * cfg.rollout.num_samples_per_prompt_rollout)
     start = time.perf_counter()
     metrics, records = evaluate(run.generation.model(), run.tokenizer, run.eval_prompts, cfg, run.runtime.device, batch_size,
-                                static_width=run.generation.static_width)
+                                static_width=run.generation.static_width, rubrics=run.rubrics)
     metrics["eval/seconds"] = time.perf_counter() - start
     run.tracker.log_eval(step, metrics)
     run.evals.append((step, metrics))
@@ -303,12 +303,13 @@ def score(run: Run, step: int, rollouts: Rollouts, prompts: list[Prompt]) -> Sco
     rubric = None
     if run.rubrics is not None and any(set(p.verifiers) & set(RUBRIC_VERIFIERS) for p in prompts):
         run.rubric_buffer = run.rubric_buffer if run.rubric_buffer is not None else {}
-        answers = [final_answer(t) for t in rollouts.response_texts]
+        answers = [final_answer(t, p.thinking_open) for t, p in zip(rollouts.response_texts, samples)]
         rubric = score_batch(run.rubrics, step, prompts, answers, cfg.rollout.num_samples_per_prompt_rollout, run.rubric_buffer)
         if cfg.rubric.save_adaptive_rubrics:
             append_records(run.derived.run_dir, run.derived.run_name, rubric.records)
     scores = compute_scores(rollouts.response_texts, rollouts.finish_reasons, [p.verifiers for p in samples],
-                            [p.ground_truth for p in samples], cfg.reward, None if rubric is None else rubric.scores)
+                            [p.ground_truth for p in samples], cfg.reward, None if rubric is None else rubric.scores,
+                            [p.thinking_open for p in samples])
     scores.metrics = None if rubric is None else rubric.metrics
     return scores
 
@@ -406,8 +407,11 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
         prepare_verifiers(prompts + eval_prompts, cfg)
     log.info("data: %d prompts%s", len(prompts), f", {len(eval_prompts)} held out for evaluation" if eval_prompts else "")
     policy = load_policy(cfg, runtime)
+    master = MasterWeights(trainable_parameters(policy))
     created = not os.path.exists(derived.run_dir)
     resume_from = make_run_dir(derived.run_dir, cfg.experiment.resume)
+    if resume_from:
+        state.check_resumable(resume_from, runtime, master)  # before a server starts or a file is written
     reference = rollout_server = None
     try:
         reference = make_reference(cfg, runtime, policy, tokenizer, derived.run_dir)
@@ -421,7 +425,6 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
         raise
     if profiler is not None:
         profiler.attach(derived.run_dir)
-    master = MasterWeights(trainable_parameters(policy))
     optimizer = make_optimizer(optimizer_groups(policy, master, cfg.optim.weight_decay), cfg.optim.learning_rate)
     from transformers import get_scheduler
 
@@ -431,13 +434,15 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
     log_generation_settings(policy, cfg)
     summary = resolved_summary(cfg)
     checkpoint.save_config(summary, derived.run_dir)
+    meta = state.read_meta(resume_from) if resume_from else {}
     wandb_settings = None
     if cfg.tracking.with_tracking:
         wandb_settings = {"project": cfg.tracking.wandb_project_name, "entity": cfg.tracking.wandb_entity, "name": derived.run_name,
-                          "config": summary, "secrets": [cfg.reference.reference_api_key]}  # config already masked
-    resumed_step = state.saved_step(resume_from) if resume_from else 0
+                          "config": summary, "secrets": [cfg.reference.reference_api_key],  # config already masked
+                          "id": meta.get("wandb_id")}  # a resumed run continues its wandb run
+    resumed_step = int(meta.get("step", 0))
     if resume_from:
-        state.truncate_logs(derived.run_dir, resumed_step)
+        state.truncate_logs(derived.run_dir, resumed_step, derived.run_name)
     tracker = Tracker(derived.run_dir, derived.num_training_steps, "```\n" + json.dumps(summary, indent=2, default=str) + "\n```",
                       wandb_settings, first_step=resumed_step + 1)
     trainable = sum(p.numel() for p in trainable_parameters(policy))

@@ -44,20 +44,27 @@ class LossRows:
     """In the loss denominators: every sample, less truncated ones if they are masked."""
     computed: list[int]
     """The subset that gets a forward/backward pass (zero-std groups are left out when they carry no KL term)."""
+    masked_truncated: int = 0
+    """Samples left out because they were truncated and --mask_truncated_completions is on."""
+    unscored: int = 0
+    """Samples left out because they got no reward this step (a rubric row the judge could not score)."""
 
 
 def select_rows(rewards: torch.Tensor, finish_reasons: list[str], group: int, cfg: Config, with_kl: bool,
                 valid: torch.Tensor | None = None) -> LossRows:
     """valid: (N,) False for samples with no reward this step (left out like masked truncations)."""
     keep = torch.ones(len(finish_reasons), dtype=torch.bool)
+    truncated = torch.tensor([r == "length" for r in finish_reasons], dtype=torch.bool)
     if cfg.optim.mask_truncated_completions:
-        keep &= torch.tensor([r != "length" for r in finish_reasons])
-    if valid is not None:
-        keep &= valid
+        keep &= ~truncated
+    unscored = torch.zeros_like(keep) if valid is None else ~valid.bool()
+    keep &= ~unscored
     compute = keep.clone()
     if cfg.optim.filter_zero_std_groups and not with_kl:
         compute &= ~zero_std_groups(rewards, group, valid)
-    return LossRows(rows=keep.nonzero().flatten().tolist(), computed=compute.nonzero().flatten().tolist())
+    return LossRows(rows=keep.nonzero().flatten().tolist(), computed=compute.nonzero().flatten().tolist(),
+                    masked_truncated=int((truncated & ~unscored).sum()) if cfg.optim.mask_truncated_completions else 0,
+                    unscored=int(unscored.sum()))
 
 
 def on_rows(rollouts: Rollouts, rows: list[int], values: torch.Tensor) -> torch.Tensor:

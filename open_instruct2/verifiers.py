@@ -38,17 +38,32 @@ def describe() -> str:
     return "\n".join(f"{name}: {VERIFIER_DOCS[name]}" for name in sorted(VERIFIERS))
 
 
-def final_answer(text: str) -> str:
+def final_answer(text: str, thinking_open: bool = False) -> str:
     """The one answer extraction every verifier and the rubric judge see: everything up to the last
     `</think>` is dropped (the reasoning is not the answer), and the last `<answer>...</answer>` block is
-    taken when there is one (an unclosed last `<answer>` runs to the end)."""
+    taken when there is one (an unclosed last `<answer>` runs to the end).
+
+    A response still inside a reasoning block has no final answer ("", which every verifier scores 0): a
+    `<think>` with no `</think>` after it, or no `</think>` at all when the prompt itself opened the block
+    (`thinking_open`: chat templates that end the generation prompt with `<think>`). Otherwise a response cut off
+    mid-thought ("... which is 42, but let me verify") would be scored on its reasoning, and a truncating length
+    limit would pay for stopping next to a number."""
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
+    elif thinking_open:
+        return ""
+    if "<think>" in text:
+        return ""
     start = text.rfind("<answer>")
     if start >= 0:
         body = text[start + len("<answer>") :]
         text = body.split("</answer>", 1)[0]
     return text.strip()
+
+
+def opens_thinking(prompt_text: str) -> bool:
+    """Whether a rendered prompt ends inside a `<think>` block (its last `<think>` has no `</think>` after it)."""
+    return prompt_text.rfind("<think>") > prompt_text.rfind("</think>")
 
 
 # ---------------------------------------------------------------- numbers (gsm8k)

@@ -98,6 +98,22 @@ def test_chat_template_system_prompt_and_trailing_assistant(tmp_path, tokenizer)
     assert prompt.ground_truth == ["4"] and prompt.verifiers == ["gsm8k"]
 
 
+def test_a_template_that_opens_think_marks_its_prompts(tmp_path, tokenizer):
+    """A generation prompt ending in <think> (R1-style templates): its responses start inside the reasoning."""
+    import copy
+
+    items = [{"messages": [{"role": "user", "content": "What is 2 + 2?"}], "ground_truth": "4", "dataset": "gsm8k"}]
+    path = write_jsonl(tmp_path / "d.jsonl", items)
+    [plain] = data.build_prompts([path, "1.0"], ["train"], tokenizer, 256)
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = data.CHAT_TEMPLATES["chatml"].replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n'")
+    [opened] = data.build_prompts([path, "1.0"], ["train"], tok, 256)
+    assert tok.decode(opened.prompt_ids).endswith("<think>\n") and opened.thinking_open and not plain.thinking_open
+    tok.chat_template = data.CHAT_TEMPLATES["chatml"].replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n\n</think>\n\n'")
+    [closed] = data.build_prompts([path, "1.0"], ["train"], tok, 256)  # Qwen3 with thinking off: the block is closed
+    assert not closed.thinking_open
+
+
 def test_named_chat_template(tokenizer):
     import copy
 

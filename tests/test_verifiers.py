@@ -192,6 +192,22 @@ def test_final_answer():
     assert final_answer("  plain text ") == "plain text"
 
 
+def test_a_response_cut_off_inside_think_has_no_final_answer():
+    """Truncated mid-thought (Qwen3's thinking template at 256 tokens truncates most responses): scoring the
+    reasoning paid for stopping next to a number. No `</think>` after the last `<think>`: no answer, score 0."""
+    from open_instruct2.rewards import verify
+    from open_instruct2.verifiers import final_answer
+
+    cut = "<think>The sum is 40 + 2, which is 42, but let me verify"
+    assert final_answer(cut) == ""
+    assert verify(cut, ["gsm8k"], ["42"]) == 0.0  # it scored 1.0: the last number of the reasoning
+    assert verify("<think>40 + 2 is 42.</think> The answer is 42", ["gsm8k"], ["42"]) == 1.0
+    assert final_answer("<think>a</think> b <think> it is 42") == ""  # opened again and never closed
+    # a template whose generation prompt opened the block: the response is reasoning until its </think>
+    assert final_answer("so it is 42, but", thinking_open=True) == "" and final_answer("it is 4 </think> 42", thinking_open=True) == "42"
+    assert verify("so it is 42, but", ["gsm8k"], ["42"], thinking_open=True) == 0.0
+
+
 def test_gsm8k_strict_and_shaped():
     strict, shaped = V.VERIFIERS["gsm8k_strict"], V.VERIFIERS["gsm8k_shaped"]
     assert strict("7 + 5 = 12\n#### 12", "12") == 1.0 and shaped("7 + 5 = 12\n#### 12", "12") == 1.0
