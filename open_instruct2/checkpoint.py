@@ -143,6 +143,7 @@ def save_final(model, tokenizer, run_dir: str, lora: bool, merged: bool) -> None
     tmp = os.path.join(run_dir, ".final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        os.makedirs(tmp)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _fsync_tree(tmp)

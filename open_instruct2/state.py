@@ -104,8 +104,11 @@ def check_resumable(folder: str, runtime, master) -> None:
             f"{here['dtype']}; resume it with --policy_dtype {saved['dtype']}" + (f" --device {saved['device']}" if saved["device"] != here["device"] else "")
             + " (or start a new run with another --run_name)"
         )
-    if "master_shapes" in meta:
-        check_masters(folder, meta["master_shapes"], master)
+    shapes = meta.get("master_shapes")
+    if shapes is None:  # a state saved before the shapes were recorded: read them off its tensors (mapped, not loaded)
+        masters = torch.load(os.path.join(folder, STATE_TENSORS), map_location="cpu", mmap=True, weights_only=False)["masters"]
+        shapes = [list(t.shape) for t in masters]
+    check_masters(folder, shapes, master)
 
 
 def check_masters(folder: str, saved_shapes: list, master) -> None:

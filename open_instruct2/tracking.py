@@ -65,13 +65,13 @@ class Tracker:
             # wandb records the command line: the secrets in it are masked while it looks
             argv, secrets = sys.argv, [v for v in wandb_settings.get("secrets", ()) if v]
             sys.argv = [_mask(a, secrets) for a in argv]
-            self.wandb_id = wandb_settings.get("id") or wandb.util.generate_id()
             try:
                 self.wandb = wandb.init(project=wandb_settings["project"], entity=wandb_settings["entity"], name=wandb_settings["name"],
-                                        config=wandb_settings["config"], dir=run_dir, reinit="finish_previous", id=self.wandb_id,
+                                        config=wandb_settings["config"], dir=run_dir, reinit="finish_previous", id=wandb_settings.get("id"),
                                         resume="allow", settings=wandb.Settings(silent=True, console="off"))  # our console stays ours
             finally:
                 sys.argv = argv
+            self.wandb_id = self.wandb.id
         if sys.stdout.isatty():
             from tqdm import tqdm
 

@@ -213,3 +213,21 @@ def test_memory_profile_of_a_run_with_a_launched_vllm_server(tmp_path):
     assert "reference" in summary["by_phase"] and summary["by_phase"]["reference"]["children_mb"] > 1000
     text = "".join((folder / name).read_text() for name in os.listdir(folder))
     assert API_KEY not in text
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, tiny_model_dir, monkeypatch):
+    """The wandb id is saved with the state and the rerun opens the same run (resume="allow"), not a new one."""
+    from conftest import tiny_config
+    from test_resume import stopped_after
+
+    from open_instruct2 import trainer
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    common = dict(num_training_steps=3, checkpoint_state_freq=1, num_evals=0, with_tracking=True, wandb_project_name="oi2-test")
+    stopped_after(tiny_config(tmp_path, tiny_model_dir, run_name="w", **common), 1)
+    run_dir = tmp_path / "out" / "w"
+    saved = json.loads((run_dir / "checkpoints" / "step_1" / "training_state.json").read_text())["wandb_id"]
+    trainer.train(tiny_config(tmp_path, tiny_model_dir, run_name="w", **common))
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and saved and all(r.name.endswith(f"-{saved}") for r in runs)

@@ -198,7 +198,7 @@ def test_changed_flags_are_refused_and_harmless_ones_allowed(tmp_path, tiny_mode
     assert "resume: continuing" in proc.stdout and [m["step"] for m in train_lines(run_dir)] == [1, 2]
 
 
-def test_nonfinite_updates_are_skipped_and_k_in_a_row_stop_the_run(tmp_path, tiny_model_dir, monkeypatch):
+def test_nonfinite_updates_are_skipped_and_k_in_a_row_stop_the_run(tmp_path, tiny_model_dir, monkeypatch, capsys):
     cfg = tiny_config(tmp_path, tiny_model_dir, run_name="r", num_training_steps=6, checkpoint_state_freq=1, max_nonfinite_updates=2,
                       filter_zero_std_groups=False, num_evals=0)
     real = trainer.compute_advantages
@@ -209,6 +209,8 @@ def test_nonfinite_updates_are_skipped_and_k_in_a_row_stop_the_run(tmp_path, tin
         trainer.train(cfg)
     lines = train_lines(tmp_path / "out" / "r")
     assert [(m["train/optimizer_steps"], m["train/nonfinite_updates"]) for m in lines] == [(1.0, 0.0), (0.0, 1.0), (0.0, 1.0)]
+    console = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("step 2/6", "step 3/6"))]
+    assert len(console) == 2 and all("| no update: the loss or gradient was not finite" in line for line in console)  # not "equal rewards"
     assert all(torch.isfinite(t).all() for t in weights(tmp_path / "out" / "r" / "checkpoints" / "step_3").values())
 
 
@@ -224,3 +226,157 @@ def test_a_nonfinite_gradient_leaves_weights_and_adam_untouched(tmp_path, tiny_m
     assert metrics["train/nonfinite_updates"] == 1.0 and metrics["train/optimizer_steps"] == 0.0
     assert all(torch.equal(p, before[n]) for n, p in run.policy.named_parameters())
     assert run.optimizer.state_dict()["state"] == {}  # AdamW never saw the bad gradient
+
+
+# ---------------------------------------------------------------- hardening: what a resume must never do silently
+
+
+def files_of(folder):
+    """path -> (size, mtime) of every file under `folder`: to check nothing was written."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            out[path] = (os.path.getsize(path), os.path.getmtime(path))
+    return out
+
+
+def test_a_state_is_never_resumed_at_another_precision(tmp_path, tiny_model_dir, monkeypatch):
+    """A state saved where --policy_dtype auto gave fp32 (no master weights), resumed where auto gives bf16 (here: a
+    CPU that reports native bf16): the master list zipped against the empty saved one and the starting weights
+    were written over the loaded ones, silently. Now: one line naming both sides and the fix, nothing written; the
+    fix it names (--policy_dtype float32, an explicit flag where auto was used) resumes."""
+    from open_instruct2 import runtime
+
+    common = dict(policy_dtype=None, num_training_steps=3, checkpoint_state_freq=1, num_evals=0, beta=0.1, learning_rate=1e-2)
+    native = runtime.cpu_has_native_bf16()
+    saved, other = ("bfloat16", "float32") if native else ("float32", "bfloat16")
+    stopped_after(tiny_config(tmp_path, tiny_model_dir, run_name="r", **common), 2)
+    run_dir = tmp_path / "out" / "r"
+    before = files_of(run_dir)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: not native)  # the same command on another machine
+    with pytest.raises(UserError, match=rf"trained on cpu in {saved}, but this run resolves to cpu in {other}; resume it with --policy_dtype {saved}"):
+        trainer.train(tiny_config(tmp_path, tiny_model_dir, run_name="r", **common))
+    assert files_of(run_dir) == before  # nothing written, nothing lost
+    # a state from before the runtime was recorded: the master weights' count is checked before anything is restored
+    meta_path = run_dir / "checkpoints" / "step_2" / "training_state.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("runtime", "master_shapes")}))
+    before = files_of(run_dir)
+    with pytest.raises(UserError, match="fp32 master weights, but this run's policy needs"):
+        trainer.train(tiny_config(tmp_path, tiny_model_dir, run_name="r", **common))
+    assert files_of(run_dir) == before
+    meta_path.write_text(json.dumps(meta))
+    done = trainer.train(tiny_config(tmp_path, tiny_model_dir, run_name="r", **{**common, "policy_dtype": saved}))
+    assert [m["step"] for m in train_lines(done)] == [1, 2, 3]
+    straight = trainer.train(tiny_config(tmp_path / "s", tiny_model_dir, run_name="r", **{**common, "policy_dtype": saved}))
+    a, b = weights(straight), weights(done)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # it continued from the saved weights, not from the start
+
+
+def test_the_eval_table_and_the_failure_streaks_survive_a_resume(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """The state holds the evaluations so far (the before/after table keeps step 0) and the streak counters (a
+    non-finite step before the stop and one after it are two in a row)."""
+    data = tmp_path / "rows.jsonl"
+    common = dict(num_training_steps=4, checkpoint_state_freq=1, beta=0.1, num_evals=2, max_nonfinite_updates=2,
+                  dataset_mixer_eval_list=[str(data), "4"], dataset_mixer_eval_list_splits=["train"])
+    real = trainer.compute_advantages
+    poisoned = set()
+    step_of = {"n": 0}
+
+    def advantages(*a):
+        step_of["n"] += 1
+        return real(*a) * float("nan") if step_of["n"] in poisoned else real(*a)
+
+    monkeypatch.setattr(trainer, "compute_advantages", advantages)
+    poisoned.add(2)
+    stopped_after(tiny_config(tmp_path, tiny_model_dir, run_name="r", **common), 2)
+    meta = json.loads((tmp_path / "out" / "r" / "checkpoints" / "step_2" / "training_state.json").read_text())
+    assert meta["streaks"] == {"nonfinite": 1, "judge": 0} and [s for s, _ in meta["evals"]] == [0, 2]
+    step_of["n"], poisoned = 2, {3}  # the resumed run's first step (3) is non-finite too: 2 in a row
+    with pytest.raises(UserError, match=r"2 steps in a row \(up to step 3\) had a non-finite loss"):
+        trainer.train(tiny_config(tmp_path, tiny_model_dir, run_name="r", **common))
+    capsys.readouterr()
+    step_of["n"], poisoned = 2, set()
+    trainer.train(tiny_config(tmp_path, tiny_model_dir, run_name="r", **{**common, "max_nonfinite_updates": 3}))
+    table = capsys.readouterr().out
+    assert "| metric | step 0 | step 4 | change |" in table  # step 0 came from the state
+
+
+def test_logs_after_the_state_are_dropped_and_a_torn_line_is_survived(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines = [json.dumps({"step": s, "reward/mean": 0.5}) for s in range(1, 5)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 5, "reward/me')  # a crash mid-write
+    (run_dir / "adaptive_rubrics_r.jsonl").write_text("".join(json.dumps({"step": s, "prompt_id": "p"}) + "\n" for s in (1, 2, 3, 3, 4)))
+    from open_instruct2 import state
+
+    state.truncate_logs(str(run_dir), 2, "r")
+    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(x)["step"] for x in (run_dir / "adaptive_rubrics_r.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_crash_while_a_step_is_saved_again_keeps_it(tmp_path):
+    """Re-saving step N moves step_N aside (.step_N.old) and the new one (.step_N.tmp, complete) in: a crash
+    between the two renames left only those two, and start-up deleted both. Now the new copy becomes step_N."""
+    root = tmp_path / "run" / "checkpoints"
+    (root / "step_1").mkdir(parents=True)
+    (root / ".step_2.old").mkdir()
+    (root / ".step_2.old" / "training_state.json").write_text("old")
+    (root / ".step_2.tmp").mkdir()
+    (root / ".step_2.tmp" / "training_state.json").write_text("new")
+    (root / ".step_3.tmp").mkdir()  # a save cut short before anything was moved: thrown away
+    checkpoint.remove_partial_saves(str(tmp_path / "run"))
+    assert sorted(os.listdir(root)) == ["step_1", "step_2"] and (root / "step_2" / "training_state.json").read_text() == "new"
+    (root / ".step_4.old").mkdir()  # only the old copy: it comes back
+    (root / ".step_4.old" / "x").write_text("old")
+    checkpoint.remove_partial_saves(str(tmp_path / "run"))
+    assert sorted(os.listdir(root)) == ["step_1", "step_2", "step_4"] and (root / "step_4" / "x").read_text() == "old"
+
+
+def test_the_final_model_and_the_config_are_written_beside_then_renamed(tmp_path, tiny_model_dir, monkeypatch):
+    """A full disk while the final model is written: the model already at the run folder's root stays whole and
+    loadable, and the error is one line naming the last state."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    checkpoint.save_final(model, tok, str(run_dir), lora=False, merged=False)
+    first = (run_dir / "model.safetensors").read_bytes()
+    real = type(model).save_pretrained
+
+    def full_disk(self, folder, *a, **k):
+        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+            f.write(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(model), "save_pretrained", full_disk)
+    with pytest.raises(UserError, match=r"cannot write the final model into .* \(the disk is full\)"):
+        checkpoint.save_final(model, tok, str(run_dir), lora=False, merged=False)
+    monkeypatch.setattr(type(model), "save_pretrained", real)
+    assert (run_dir / "model.safetensors").read_bytes() == first and not (run_dir / ".final.tmp").exists()
+    AutoModelForCausalLM.from_pretrained(str(run_dir))
+    checkpoint.save_config({"flags": {"a": 1}}, str(run_dir))
+    assert json.loads((run_dir / checkpoint.CONFIG_FILE).read_text()) == {"flags": {"a": 1}}
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def test_connection_and_generation_flags_may_change_on_resume(tmp_path):
+    """The judge-failure message says to check --llm_judge_base_url: following it must not make resume impossible;
+    generation paths that sample the same distribution may change too. A flag of the math still may not."""
+    from open_instruct2.config import ConfigError
+    from open_instruct2.state import check_same_flags
+
+    saved = {"llm_judge_base_url": None, "llm_judge_timeout": 60, "llm_judge_max_retries": 3, "llm_judge_max_concurrency": 16,
+             "llm_judge_api_key_env": "OPENAI_API_KEY", "llm_judge_max_failed_steps": 3, "generation_cache": "auto",
+             "generation_linear": "auto", "lora_generation": "auto", "rollout_vllm_lora_sync": "auto", "policy_dtype": None,
+             "learning_rate": 2e-5}
+    (tmp_path / checkpoint.CONFIG_FILE).write_text(json.dumps({"flags": saved}))
+    changed = {"llm_judge_base_url": "http://127.0.0.1:9/v1", "llm_judge_timeout": 30, "llm_judge_max_retries": 5,
+               "llm_judge_max_concurrency": 4, "llm_judge_api_key_env": "MY_KEY", "llm_judge_max_failed_steps": 9,
+               "generation_cache": "dynamic", "generation_linear": "plain", "lora_generation": "adapters",
+               "rollout_vllm_lora_sync": "merged", "policy_dtype": "float32", "learning_rate": 2e-5}
+    check_same_flags(str(tmp_path), changed)  # nothing refused (the dtype is compared as resolved, in the state)
+    with pytest.raises(ConfigError, match="--learning_rate is 0.1"):
+        check_same_flags(str(tmp_path), {**changed, "learning_rate": 0.1})

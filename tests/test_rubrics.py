@@ -403,3 +403,6 @@ def test_a_judge_that_never_answers_stops_the_run_after_k_steps_with_one_line(tm
     assert [m["rubric/judge_failures"] for m in metrics] == [m["rubric/judge_calls"] for m in metrics] and metrics[0]["rubric/judge_calls"] >= 8
     assert all(m["rubric/unscored_responses"] == 4 and m["train/optimizer_steps"] == 0 for m in metrics)
     assert "cannot connect" in proc.stdout  # the first error, in the step's warning
+    # the console says why no update was made: not "truncated and --mask_truncated_completions is on" (it is off)
+    assert proc.stdout.count("no update: no response was left for the loss: 4 had no reward (the judge could not score them)") == 2
+    assert "mask_truncated_completions" not in proc.stdout
