@@ -10,6 +10,10 @@
 - The response mask is cut at the first eos (inclusive: stopping is learned too), never derived from the
   pad id, which equals eos for many models (SmolLM2 included).
 - Finish reason: 'stop' (eos or a stop string) or 'length' (hit response_length).
+- The sampler's log-prob of every drawn token is recorded (`Rollouts.sampler_logprobs`), as the vLLM backend
+  returns it: the generation copy (merged LoRA, packed weights, a KV cache) is not bit for bit the trainer's
+  forward pass, and the update corrects for the difference with the same truncated importance weights
+  (train/sampler_mismatch_* shows its size: ~1e-6 in fp32 from the policy itself).
 """
 
 import functools
@@ -43,7 +47,9 @@ class Rollouts:
     prompt_index: list[int]
     """Index into PromptBatch.prompts of each sample."""
     sampler_logprobs: torch.Tensor | None = None
-    """(N, T) the sampling engine's log-prob of each sampled token when it is not this process (vllm backend), else None."""
+    """(N, T) the sampler's log-prob of each sampled token at the sampling temperature (0 outside the response): the
+    vLLM server's, or HF generate's own from the model it generated with (a merged or packed copy rounds differently
+    from the policy); the update weighs by the importance ratio to it. None: not recorded (greedy evaluation)."""
     stats: dict | None = None
     """Metrics of how the rollouts were made (vllm backend: weight sync seconds), merged into the step's."""
 
@@ -131,9 +137,13 @@ class Sampler(LogitsProcessor):
 
     def __init__(self, temperature: float, top_p: float):
         self.temperature, self.top_p = temperature, top_p
+        self.picked_logprobs: list[torch.Tensor] = []
+        """Per generated column, (N,) the log-prob of the drawn token under softmax(logits / T) (the full distribution,
+        before the nucleus: what the trainer's log-probs model), on the device."""
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (N, V)
+        logits = scores.float() / self.temperature  # (N, V)
+        probs = torch.softmax(logits, dim=-1)  # (N, V)
         order = None
         if self.top_p < 1.0:
             probs, order = probs.sort(dim=-1, descending=True)  # (N, V)
@@ -144,6 +154,7 @@ class Sampler(LogitsProcessor):
         pick = torch.searchsorted(cdf, u, right=True).clamp(max=scores.shape[-1] - 1)  # (N, 1)
         if order is not None:
             pick = order.gather(1, pick)
+        self.picked_logprobs.append((logits.gather(1, pick) - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(1))  # (N,)
         return torch.full_like(scores, float("-inf")).scatter_(1, pick, 0.0)
 
 
@@ -252,6 +263,9 @@ def generate_rollouts(
     full_width = generated.shape[1] >= response_length
     reasons = ["stop" if s or not full_width else "length" for s in stopped_list]
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(rows, lengths_list)], skip_special_tokens=True)
+    sampler_logprobs = None
+    if sampler is not None and sampler[0].picked_logprobs:
+        sampler_logprobs = torch.stack(sampler[0].picked_logprobs, dim=1)[:, : generated.shape[1]] * response_mask  # (N, t)
     return Rollouts(
         input_ids=sequences,
         attention_mask=torch.cat([attention_mask, response_mask], dim=1),
@@ -260,6 +274,7 @@ def generate_rollouts(
         finish_reasons=reasons,
         response_texts=texts,
         prompt_index=prompt_index,
+        sampler_logprobs=sampler_logprobs,
     )
 
 

@@ -112,3 +112,41 @@ def test_the_sampler_draws_from_softmax_over_temperature_within_top_p():
             p = torch.where(keep, p, 0.0) / p[keep].sum()
         assert torch.allclose(freq, p, atol=0.01), (top_p, freq, p)
         assert (freq[p == 0] == 0).all()
+
+
+def test_hf_rollouts_carry_the_samplers_logprobs(tiny_model_dir, tokenizer):
+    """Each drawn token's log-prob under softmax(logits / T), as generate computed it: from the policy itself it is
+    the trainer's own log-prob (fp32: within rounding, so the importance weights are 1); from a bf16 merged LoRA
+    copy it is not the policy's (the update's importance weights correct that difference)."""
+    from open_instruct2.policy import response_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    batch = batch_of(tokenizer, ["Hi", "What is 12 + 30? Put the final answer after ####."])
+    r = sample(model, tokenizer, batch, 0, temperature=0.7, stop=["\n"])
+    assert r.sampler_logprobs is not None and r.sampler_logprobs.shape == r.response_mask.shape
+    with torch.no_grad():
+        trainer_side = response_logprobs(model, r.input_ids, r.attention_mask, r.prompt_width, 0.7) * r.response_mask
+    mask = r.response_mask.bool()
+    assert float((r.sampler_logprobs - trainer_side).abs()[mask].max()) < 1e-4
+    assert float(torch.where(mask, 0.0, r.sampler_logprobs).abs().sum()) == 0.0 and float(r.sampler_logprobs[mask].max()) <= 0.0
+    greedy = generate_rollouts(model, tokenizer, batch, num_samples=1, response_length=8, temperature=1.0, top_p=1.0, stop_strings=None,
+                               device=torch.device("cpu"), greedy=True)
+    assert greedy.sampler_logprobs is None  # evaluation samples nothing
+
+
+def test_a_bf16_merged_lora_copy_is_not_the_policy_and_the_run_says_by_how_much(tmp_path, tiny_model_dir):
+    """The user's path: LoRA at bf16 generating from the merged copy. The mismatch between what sampled and the
+    trainer is logged every step, and the importance weights (not 1) enter the loss."""
+    import json
+
+    from conftest import run_cli
+    from test_train_e2e import tiny_args
+
+    args = tiny_args(tmp_path, tiny_model_dir, "--train_mode", "lora", "--lora_r", "4", "--lora_dropout", "0", "--policy_dtype", "bfloat16",
+                     "--lora_generation", "merged", "--generation_linear", "plain", "--num_training_steps", "2", "--reference_mode", "none",
+                     "--beta", "0", "--learning_rate", "0.05", "--num_evals", "0", "--filter_zero_std_groups", "false")
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "e2e" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(m["train/sampler_mismatch_mean"] > 0 for m in lines)
+    assert any(m["train/importance_weight"] != 1.0 for m in lines)
