@@ -187,6 +187,8 @@ class RolloutConfig:
     """What samples the rollouts: hf (HF generate in this process) or vllm (a vLLM server generates; the policy's weights are pushed to it after every optimizer step through its own HTTP routes, no NCCL). See README "Rollouts on vLLM"."""
     rollout_vllm_endpoint: Optional[str] = None
     """vllm backend: base URL of a running server to generate with (its weights are OVERWRITTEN by the policy's; started with VLLM_SERVER_DEV_MODE=1 and OPEN_INSTRUCT2_LOGPROB_TEMPERATURE=<temperature>; an API key is read from $OPEN_INSTRUCT2_ROLLOUT_API_KEY, never a flag). Default: launch one."""
+    rollout_vllm_served_model_name: Optional[str] = None
+    """vllm backend with an endpoint: the model name it serves; default discovered from /v1/models (LoRA adapters loaded into it are not counted)."""
     rollout_vllm_port: int = 8001
     """vllm backend: port of the launched rollout server (beside the reference server's reference_launch_port)."""
     rollout_vllm_dtype: str = "auto"

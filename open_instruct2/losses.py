@@ -207,6 +207,7 @@ def grpo_loss(
     sampler_logprobs: Tensor | None = None,
     importance_cap: float = 0.0,
     importance_level: str = "token",
+    kl_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate plus beta * KL, aggregated by name.
 
@@ -216,8 +217,13 @@ def grpo_loss(
     tokens it computed, so a logged metric is a plain token mean whatever the loss aggregation; a name
     ending in _max is a maximum instead.
 
-    sampler_logprobs (B, T), when another engine sampled the responses: each policy-gradient term is
-    weighed by its truncated importance weight (importance_weights above; the KL term is not).
+    sampler_logprobs (B, T), the sampler's log-probs of the sampled tokens (a vLLM server, or HF generate's copy of
+    the model): each policy-gradient term is weighed by its truncated importance weight (importance_weights above;
+    the KL term is not).
+
+    kl_logprobs (B, T), with gradients: the policy's log-probs at the temperature ref_logprobs were taken at, when
+    that is not the sampling temperature (a reference served at temperature 1); the KL term compares those, the
+    ratio and the policy gradient stay on `logprobs`. None: logprobs.
     """
     # Outside the mask inputs may be garbage (padding): zero them before any exp, so inf * 0 can't be nan.
     mask = response_mask.bool()
@@ -233,7 +239,7 @@ def grpo_loss(
         "clip_fraction": ((clipped > unclipped).float() * valid).sum(),
         "ratio": (ratio.detach() * valid).sum(),
     }
-    if sampler_logprobs is not None:  # another engine sampled: truncated importance weights (detached)
+    if sampler_logprobs is not None:  # the sampler's own log-probs: truncated importance weights (detached)
         sampler_logprobs = torch.where(mask, sampler_logprobs, 0.0)
         weights, capped = importance_weights(old_logprobs.detach(), sampler_logprobs, response_mask, importance_cap, importance_level)
         per_token = per_token * weights
@@ -243,7 +249,8 @@ def grpo_loss(
     metrics["policy_loss"] = (per_token.detach() * valid).sum()
     if ref_logprobs is not None and beta != 0.0:
         ref_logprobs = torch.where(mask, ref_logprobs, 0.0)
-        kl = _pick(KL_ESTIMATORS, kl_estimator, "KL estimator")(logprobs, ref_logprobs, ratio)  # (B, T)
+        kl_side = logprobs if kl_logprobs is None else torch.where(mask, kl_logprobs, 0.0)  # (B, T) at the reference's temperature
+        kl = _pick(KL_ESTIMATORS, kl_estimator, "KL estimator")(kl_side, ref_logprobs, ratio)  # (B, T)
         per_token = per_token + beta * kl
         metrics["kl"] = (kl.detach() * valid).sum()
     loss = aggregate(per_token, response_mask, norm, aggregation)

@@ -128,6 +128,13 @@ def response_logprobs(
     prompt_width .. L-1. Returns (B, L - prompt_width) fp32: entry t is log p_T(input_ids[:, P + t] | prefix).
     Padding columns get finite garbage: callers multiply by the response mask.
     """
+    return response_logprobs_at(model, input_ids, attention_mask, prompt_width, (temperature,))[0]
+
+
+def response_logprobs_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                         temperatures: tuple[float, ...]) -> list[torch.Tensor]:
+    """response_logprobs at each of `temperatures`, from one forward pass (each is one more chunked log-softmax of
+    the same logits): the KL term against a reference served at temperature 1 needs the policy there too."""
     response_width = input_ids.shape[1] - prompt_width
     out = model(
         input_ids=input_ids,
@@ -138,7 +145,7 @@ def response_logprobs(
     )
     logits = out.logits[:, :-1, :]  # (B, T, V) in the model's dtype: column P-1+t predicts token P+t
     targets = input_ids[:, prompt_width:]  # (B, T)
-    return token_logprobs(logits, targets, temperature)  # (B, T) fp32
+    return [token_logprobs(logits, targets, t) for t in temperatures]  # each (B, T) fp32
 
 
 class MasterWeights:

@@ -20,9 +20,13 @@ log = logging.getLogger(__name__)
 
 
 class Reference(Protocol):
+    temperature: float
+    """The temperature its log-probs are at: the sampling temperature, or 1 (a plainly started vLLM endpoint); the KL
+    term takes the policy's log-probs at the same one."""
+
     def logprobs(self, rollouts: Rollouts, rows: list[int]) -> torch.Tensor:
         """(len(rows), T) reference log-probs of the given samples' response tokens (T = rollouts' width),
-        at the sampling temperature; zero outside each response."""
+        at `temperature`; zero outside each response."""
 
     def close(self) -> None: ...
 

@@ -7,8 +7,12 @@ a number that is a log-prob) before it reaches the loss.
 
 Temperature: the trainer's log-probs are at the sampling temperature T (policy.py), but vLLM's prompt
 log-probs come from raw logits. A launched server therefore gets OPEN_INSTRUCT2_LOGPROB_TEMPERATURE=T in its
-environment, which our vLLM plugin (vllm_plugin.py) turns into logits / T; an endpoint must be started
-the same way, and the start-up probe (vllm_server.check_probe) says so when it is not.
+environment, which our vLLM plugin (vllm_plugin.py) turns into logits / T. An endpoint started plainly
+(`python -m vllm.entrypoints.openai.api_server --model ...`, the original README's example 3) serves log-probs at
+temperature 1, which the start-up probe finds out: the KL term then compares the policy at temperature 1 (the same
+logits, one more log-softmax) with it, while the ratio and the policy gradient stay at T. Both sides of the KL are
+then at one temperature (0, with zero gradient, while the policy is the reference); which pairing a run uses is
+logged once and saved in its config.
 
 Start-up checks: /health and /v1/models (served name discovered or given), the context length, and a probe
 sequence whose tokens the server must decode as the policy's tokenizer does and whose log-probs must match
@@ -62,8 +66,10 @@ def reference_server(cfg: Config, model_path: str, log_path: str) -> VLLMServer:
 class VLLMReference:
     """Reference interface (reference.py) backed by a vLLM server."""
 
-    def __init__(self, client: VLLMClient, server: VLLMServer | None):
+    def __init__(self, client: VLLMClient, server: VLLMServer | None, temperature: float = 1.0):
         self.client, self.server = client, server
+        self.temperature = temperature
+        """The temperature of the served log-probs (the sampling temperature, or 1 for a plainly started endpoint)."""
 
     def logprobs(self, rollouts: Rollouts, rows: list[int]) -> torch.Tensor:
         sequences, starts, lengths = [], [], []
@@ -123,12 +129,15 @@ def make_vllm_reference(cfg: Config, runtime: Runtime, run_dir: str, tokenizer=N
         if model.get("max_model_len") and model["max_model_len"] < needed:
             raise UserError(f"the reference model {client.model!r} has max_model_len {model['max_model_len']}, below the {needed} tokens a sequence can take; serve it with --max-model-len {needed}")
         same_model = ref.reference_model_name_or_path in (None, cfg.model.model_name_or_path)
+        temperature = cfg.rollout.temperature
         if tokenizer is not None:
-            diff = check_probe(client, tokenizer, policy, runtime, compare_logprobs=same_model and policy is not None,
-                               temperature=cfg.rollout.temperature)
+            probe = check_probe(client, tokenizer, policy, runtime, compare_logprobs=same_model and policy is not None,
+                                temperature=temperature, accept_temperature_1=server is None)
+            temperature = probe.temperature
             log.info("reference: %s serves %r; probe matches the policy's tokenizer%s", url, client.model,
-                     "" if diff is None else f", mean |logp difference| {diff:.2e}")
-            if diff is None and cfg.rollout.temperature != 1.0 and server is None:
+                     "" if probe.diff is None else f", mean |logp difference| {probe.diff:.2e} at temperature {probe.temperature:g}")
+            log_kl_pairing(cfg.rollout.temperature, temperature)
+            if probe.diff is None and cfg.rollout.temperature != 1.0 and server is None:
                 from .vllm_plugin import ENV
 
                 log.warning("reference: the served model is not the policy's, so the probe cannot check that the endpoint "
@@ -139,4 +148,17 @@ def make_vllm_reference(cfg: Config, runtime: Runtime, run_dir: str, tokenizer=N
         if isinstance(e, ReferenceFailure):
             raise UserError(f"the reference server at {url} failed its start-up checks: {e}") from None
         raise
-    return VLLMReference(client, server)
+    return VLLMReference(client, server, temperature)
+
+
+def log_kl_pairing(sampling: float, served: float) -> None:
+    """Say once which temperature the KL term compares the policy and the reference at."""
+    if served == sampling:
+        log.info("reference: the KL term compares the policy and the reference at the sampling temperature %g", sampling)
+        return
+    from .vllm_plugin import ENV
+
+    log.info("reference: the endpoint serves log-probs at temperature 1 (it was started without %s), so the KL term compares the "
+             "policy at temperature 1 (the same logits, one more log-softmax) with it: both sides at one temperature, 0 while the "
+             "policy is the reference; the ratio and the policy gradient stay at the sampling temperature %g. Starting the server with "
+             "%s=%g (open-instruct2 installed beside vLLM) keeps the KL at the sampling temperature too", ENV, sampling, ENV, sampling)

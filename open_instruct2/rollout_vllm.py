@@ -1,9 +1,10 @@
 """Rollouts sampled by a vLLM server, with the policy's weights pushed to it over HTTP (no NCCL).
 
 `--rollout_backend vllm`. The server is launched by this run (its own process group, like the reference
-server) or is an endpoint (`--rollout_vllm_endpoint`, started with VLLM_SERVER_DEV_MODE=1). It gets the
-prompts as token ids, `n` = samples per prompt, max_tokens, top_p, stop strings, eos ids and a seed drawn
-from the run's RNG, and answers token ids with the log-prob of each sampled token.
+server) or is an endpoint (`--rollout_vllm_endpoint`, started with VLLM_SERVER_DEV_MODE=1). It gets one request per
+prompt (token ids, `n` = samples per prompt, max_tokens, top_p, stop strings, eos ids and a seed: the step's seed,
+drawn from the run's RNG, + prompt index x n, so no two samples of a batch share a seed) and answers token ids with
+the log-prob of each sampled token.
 
 Temperature: like the reference server, the rollout server runs with OPEN_INSTRUCT2_LOGPROB_TEMPERATURE=T
 (vllm_plugin.py divides its logits by T), and requests ask for temperature 1. So what it samples from and
@@ -23,8 +24,11 @@ file write and read per step (0.5 GB for a 135M model in fp32; measured in the R
 import copy
 import logging
 import os
+import re
+import secrets
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -42,6 +46,8 @@ log = logging.getLogger(__name__)
 ROLLOUT_NAME = "open-instruct2-policy"
 API_KEY_ENV = "OPEN_INSTRUCT2_ROLLOUT_API_KEY"
 GENERATION_TIMEOUT_S = 1800.0
+MAX_CONCURRENT_PROMPTS = 64
+"""Generation requests in flight at once (one per prompt of the batch)."""
 # Mean |log-prob difference| on the start-up probe above which the rollout server is not the policy (a wrong
 # temperature gives ~0.5 and more). Kernels alone differ: 1e-5 in fp32, ~0.1 between bf16 HF and bf16 vLLM
 # on CPU, which the importance weights correct (and train/sampler_mismatch_* shows).
@@ -147,7 +153,11 @@ class VLLMRollouts:
         self.stale = False
         self.version = 0
         self.adapter_name: str | None = None
+        self.adapter_prefix = f"policy-{secrets.token_hex(3)}"
+        """Adapter names are policy-<this process's token>-v<N>: an endpoint may still hold a stopped run's adapters."""
         self.eos = sorted(_eos_ids(policy, tokenizer))
+        if adapters:
+            clear_adapter_folders(weights_dir)
 
     def weights_changed(self) -> None:
         """The policy took an optimizer step: push its weights before the next generation."""
@@ -171,7 +181,7 @@ class VLLMRollouts:
         """Save the adapter as <weights_dir>/v<N> (beside, then renamed), load it under a new name, unload the
         old one (a new name each time: the server caches adapters by name). Returns when the write ended."""
         self.version += 1
-        name, folder = f"policy-v{self.version}", os.path.join(os.path.abspath(self.weights_dir), f"v{self.version}")
+        name, folder = f"{self.adapter_prefix}-v{self.version}", os.path.join(os.path.abspath(self.weights_dir), f"v{self.version}")
         partial = folder + ".partial"
         shutil.rmtree(partial, ignore_errors=True)
         self.policy.save_pretrained(partial)
@@ -193,37 +203,73 @@ class VLLMRollouts:
         return self.adapter_name if self.adapters else self.client.model
 
     def generate(self, batch: PromptBatch, *, num_samples: int, seed: int) -> Rollouts:
+        """One request per prompt (sent concurrently; the server batches them), prompt p seeded with
+        seed + p * num_samples: vLLM seeds the j-th sample of a request with its seed + j, so every sample of the
+        batch has its own seed. (One request for the whole batch gave every prompt the same seed: a prompt drawn
+        twice in a batch got two identical groups.)"""
         ro = self.cfg.rollout
         prompts = [p.prompt_ids for p in batch.prompts]
-        payload = lambda: {  # noqa: E731 (built after a sync: the adapter's name changes with it)
-            "model": self.served_name, "prompt": prompts, "n": num_samples, "max_tokens": ro.response_length,
-            "temperature": 1.0,  # the server's logits are already divided by --temperature (vllm_plugin.py)
-            "top_p": ro.top_p, "seed": seed, "logprobs": 0, "return_token_ids": True, "skip_special_tokens": True,
-            "stop": ro.stop_strings or [], "include_stop_str_in_output": True, "stop_token_ids": self.eos, "ignore_eos": False,
-            # an endpoint may fill unset fields from the model's generation_config.json: set every one that changes sampling
-            "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_tokens": 0,
-        }
+
+        def payload(p: int) -> dict:  # built after a sync: the adapter's name changes with it
+            return {
+                "model": self.served_name, "prompt": [prompts[p]], "n": num_samples, "max_tokens": ro.response_length,
+                "temperature": 1.0,  # the server's logits are already divided by --temperature (vllm_plugin.py)
+                "top_p": ro.top_p, "seed": (seed + p * num_samples) % 2**31, "logprobs": 0, "return_token_ids": True,
+                "skip_special_tokens": True, "stop": ro.stop_strings or [], "include_stop_str_in_output": True,
+                "stop_token_ids": self.eos, "ignore_eos": False,
+                # an endpoint may fill unset fields from the model's generation_config.json: set every one that changes sampling
+                "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_tokens": 0,
+            }
+
+        def request_all() -> list[dict]:
+            with ThreadPoolExecutor(max_workers=min(MAX_CONCURRENT_PROMPTS, len(prompts))) as pool:
+                replies = list(pool.map(lambda p: self.client._request("POST", "/v1/completions", payload(p)), range(len(prompts))))
+            choices = []
+            for p, reply in enumerate(replies):  # each reply's indexes 0..n-1 become the batch's p * n + j
+                choices += [{**c, "index": p * num_samples + c["index"]} for c in (reply.get("choices") or [])
+                            if isinstance(c, dict) and isinstance(c.get("index"), int)]
+            return choices
+
         stats = {}
         try:
             try:
                 stats = self.sync() if self.stale else {}
-                reply = self.client._request("POST", "/v1/completions", payload())
+                choices = request_all()
             except ServerUnavailable as e:
                 if self.server is None:
                     raise
                 self.server.relaunch(self.client, e)
                 self.adapter_name = None  # a new server has the starting weights and no adapter: push the current ones
                 stats = self.sync()
-                reply = self.client._request("POST", "/v1/completions", payload())
-            rollouts = rollouts_from_choices(reply.get("choices") or [], prompts, num_samples, self.tokenizer, ro.response_length, self.runtime.device)
+                choices = request_all()
+            rollouts = rollouts_from_choices(choices, prompts, num_samples, self.tokenizer, ro.response_length, self.runtime.device)
         except (ServerFailure, UserError) as e:
             raise RolloutFailure(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - anything else in the sync or the requests: the trainer saves progress and stops
+            raise RolloutFailure(f"{type(e).__name__}: {e}") from None
         rollouts.stats = {**stats, "rollout/server_relaunches": float(self.server.relaunches if self.server else 0)}
         return rollouts
 
     def close(self) -> None:
+        """A launched server stops; an endpoint gets its adapter unloaded (its weights stay the last ones pushed)."""
         if self.server is not None:
             self.server.stop()
+        elif self.adapters and self.adapter_name is not None:
+            try:
+                self.client._request("POST", "/v1/unload_lora_adapter", {"lora_name": self.adapter_name}, retries=0, json_reply=False)
+                self.adapter_name = None
+            except (ServerFailure, UserError) as e:
+                log.warning("rollout: could not unload the adapter %s from %s (%s); the next run ignores it", self.adapter_name,
+                            self.client.base_url, e)
+
+
+def clear_adapter_folders(weights_dir: str) -> None:
+    """Adapter folders a stopped run left in <run>/rollout_weights (v<N>, v<N>.partial): the version counter starts
+    again in every process, and renaming onto a leftover folder fails."""
+    if os.path.isdir(weights_dir):
+        for name in os.listdir(weights_dir):
+            if re.fullmatch(r"v\d+(\.partial)?", name):
+                shutil.rmtree(os.path.join(weights_dir, name), ignore_errors=True)
 
 
 def lora_adapters_wanted(cfg: Config) -> bool:
@@ -268,16 +314,16 @@ def make_vllm_rollouts(cfg: Config, runtime: Runtime, policy, tokenizer, run_dir
         client = VLLMClient(url, os.environ.get(API_KEY_ENV), timeout, ref.reference_max_retries, key_source=f"${API_KEY_ENV}")
         if not client.health():
             raise UserError(f"the rollout endpoint {url} does not answer /health; start the vLLM server or fix --rollout_vllm_endpoint")
-        wanted = None
+        wanted = ro.rollout_vllm_served_model_name
     adapters = lora_adapters_wanted(cfg)
     backend = VLLMRollouts(cfg, policy, tokenizer, runtime, client, server, os.path.join(run_dir, "rollout_weights"), adapters)
     try:
-        client.model = pick_served_model(client.models(), wanted, url)["id"]
+        client.model = pick_served_model(client.models(), wanted, url, "--rollout_vllm_served_model_name")["id"]
         pushed = ""
         if server is None or adapters:  # an endpoint serves weights we do not know (a launched one has them); an adapter is loaded by name
             try:
                 pushed = f"; weights pushed in {backend.sync()['time/weight_sync']:.2f} s"
-            except UserError as e:
+            except (UserError, OSError) as e:
                 need = ("--enable-lora (and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), or use --rollout_vllm_lora_sync merged" if adapters else
                         "VLLM_SERVER_DEV_MODE=1 and serve a model of the policy's architecture")
                 raise UserError(f"the rollout server at {url} did not take the policy's weights ({e}); it must run with {need}") from None
@@ -286,7 +332,7 @@ def make_vllm_rollouts(cfg: Config, runtime: Runtime, policy, tokenizer, run_dir
             probe_client = copy.copy(client)
             probe_client.model = backend.adapter_name
         diff = check_probe(probe_client, tokenizer, policy, runtime, compare_logprobs=True, temperature=ro.temperature, role="rollout",
-                           tolerance=PROBE_TOLERANCE)
+                           tolerance=PROBE_TOLERANCE).diff
         log.info("rollout: %s generates as %r%s; probe log-probs match the policy's (mean |difference| %.2e)", url, backend.served_name, pushed, diff)
     except BaseException as e:
         backend.close()

@@ -433,6 +433,8 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
     )
     log_generation_settings(policy, cfg)
     summary = resolved_summary(cfg)
+    if reference is not None:  # which temperature the KL term compares at (reference_vllm.log_kl_pairing)
+        summary["kl_temperature"] = reference.temperature
     checkpoint.save_config(summary, derived.run_dir)
     meta = state.read_meta(resume_from) if resume_from else {}
     wandb_settings = None

@@ -17,9 +17,13 @@ Which samples count, and why (for a reader comparing trainers):
 - Inside a mini-batch, samples go to micro-batches sorted by length (less padding; the summed gradient
   is the same, since the denominators are counted for the whole mini-batch first).
 - Dropout is off in every pass (policy.py), so old and new log-probs of the same weights are equal.
-- Rollouts sampled by a vLLM server carry its log-probs of the sampled tokens; the policy-gradient terms
-  are then weighed by truncated importance weights (losses.importance_weights), and the gap between the
-  trainer's and the server's log-probs is logged (train/sampler_mismatch_mean, _max).
+- Rollouts carry the sampler's log-probs of the sampled tokens (a vLLM server's, or HF generate's from the model
+  it generated with: a merged or packed copy rounds differently from the policy); the policy-gradient terms are
+  weighed by truncated importance weights (losses.importance_weights), and the gap between the trainer's and the
+  sampler's log-probs is logged (train/sampler_mismatch_mean, _max).
+- The KL term takes the policy's log-probs at the reference's temperature: the sampling one, or 1 for a vLLM
+  endpoint started without the temperature plugin (reference_vllm.py); then the micro-batch's one forward pass gives
+  both (one more log-softmax of the same logits).
 - Metrics are token means over the computed tokens, summed on the device and read once per step.
 """
 
@@ -31,7 +35,7 @@ import torch
 
 from .config import Config
 from .losses import LossNorm, grpo_loss, zero_std_groups
-from .policy import response_logprobs
+from .policy import response_logprobs_at
 from .reference import batched_logprobs, by_length
 from .rollout import Rollouts
 
@@ -99,7 +103,8 @@ def update_policy(run, rollouts: Rollouts, advantages: torch.Tensor, ref_logprob
             norm = LossNorm(
                 num_tokens=int(rollouts.response_mask[mini].sum()), num_sequences=len(mini), max_response_length=cfg.rollout.response_length
             )
-            backward_mini_batch(run.policy, run.master, rollouts, work, norm, advantages, old_logprobs, ref_logprobs, cfg, sums)
+            backward_mini_batch(run.policy, run.master, rollouts, work, norm, advantages, old_logprobs, ref_logprobs, cfg, sums,
+                                kl_temperature=temperature if run.reference is None else run.reference.temperature)
             grad_norm = optimizer_step(run)
             if grad_norm is None:
                 sums["nonfinite_updates"] += 1
@@ -125,18 +130,23 @@ def update_policy(run, rollouts: Rollouts, advantages: torch.Tensor, ref_logprob
 
 
 def backward_mini_batch(model, master, rollouts: Rollouts, rows: list[int], norm: LossNorm, advantages, old_logprobs,
-                        ref_logprobs, cfg: Config, sums: dict) -> None:
+                        ref_logprobs, cfg: Config, sums: dict, kl_temperature: float | None = None) -> None:
     """Accumulate the gradient of one mini-batch's `rows` in micro-batches of per_device_train_batch_size.
 
     `norm` counts the whole mini-batch (computed or not), so the gradient depends neither on the
     micro-batch size nor on which rows were skipped. Metric sums are added into `sums` on the device.
+    kl_temperature: the reference log-probs' temperature, when it is not the sampling one (the KL term takes the
+    policy's log-probs there too, from the same forward pass).
     """
     size = cfg.optim.per_device_train_batch_size
+    temperature = cfg.rollout.temperature
+    kl_apart = ref_logprobs is not None and kl_temperature not in (None, temperature)
     ordered = by_length(rollouts, rows)
     for start in range(0, len(ordered), size):
         chunk = ordered[start : start + size]
         part = rollouts.rows(chunk)
-        logprobs = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_width, cfg.rollout.temperature)  # (b, t)
+        temperatures = (temperature, kl_temperature) if kl_apart else (temperature,)
+        logprobs, *kl_logprobs = response_logprobs_at(model, part.input_ids, part.attention_mask, part.prompt_width, temperatures)  # (b, t)
         width = logprobs.shape[1]
         loss, metrics = grpo_loss(
             logprobs,
@@ -153,6 +163,7 @@ def backward_mini_batch(model, master, rollouts: Rollouts, rows: list[int], norm
             sampler_logprobs=None if rollouts.sampler_logprobs is None else rollouts.sampler_logprobs[chunk, :width],
             importance_cap=cfg.rollout.importance_sampling_cap,
             importance_level=cfg.rollout.importance_sampling_level,
+            kl_logprobs=kl_logprobs[0] if kl_logprobs else None,
         )
         loss.backward()
         master.accumulate()  # low-precision gradients summed in fp32

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import requests
 import torch
@@ -327,23 +328,36 @@ def _last_lines(path: str, n: int = 3) -> str:
     return " | ".join(lines[-n:])[-600:]
 
 
-def pick_served_model(models: list[dict], wanted: str | None, url: str) -> dict:
-    names = [m["id"] for m in models]
+def pick_served_model(models: list[dict], wanted: str | None, url: str, flag: str = "--reference_served_model_name") -> dict:
+    """The base model to use from a /v1/models list: `wanted`, or the only one. LoRA adapters loaded into the
+    server (entries with a `parent`, e.g. one a stopped run could not unload) are not base models and are ignored."""
+    bases = [m for m in models if not m.get("parent")]
+    names = [m["id"] for m in bases]
     if wanted is not None:
-        for m in models:
+        for m in bases:
             if m["id"] == wanted:
                 return m
-        raise UserError(f"--reference_served_model_name {wanted!r} is not served by {url}; it serves {names}")
-    if len(models) != 1:
-        raise UserError(f"{url} serves {len(models)} models {names}; choose one with --reference_served_model_name")
-    return models[0]
+        raise UserError(f"{flag} {wanted!r} is not served by {url}; it serves {names}")
+    if len(bases) != 1:
+        raise UserError(f"{url} serves {len(bases)} models {names}; choose one with {flag}")
+    return bases[0]
+
+
+class Probe(NamedTuple):
+    diff: float | None
+    """Mean |served - policy| log-prob on the probe (None: not compared, the served model is not the policy's)."""
+    temperature: float
+    """The temperature the served log-probs are at: the sampling temperature, or 1 (a plainly started server)."""
 
 
 def check_probe(client: VLLMClient, tokenizer, policy, runtime: Runtime, compare_logprobs: bool, temperature: float = 1.0,
-                role: str = "reference", tolerance: float = 0.1) -> float | None:
+                role: str = "reference", tolerance: float = 0.1, accept_temperature_1: bool = False) -> Probe:
     """The server must decode our token ids as our tokenizer does, and (when the reference is the policy's
     starting model) give the policy's log-probs at the sampling temperature, within `tolerance` on average
-    (bf16 kernels differ more than fp32 ones). Returns the mean |difference|."""
+    (bf16 kernels differ more than fp32 ones). A server that gives them at temperature 1 instead (started without
+    OPEN_INSTRUCT2_LOGPROB_TEMPERATURE) is refused naming that variable, unless `accept_temperature_1` (the
+    reference: its KL term can compare the policy at temperature 1). Returns the mean |difference| and the served
+    temperature."""
     ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
     [entries] = client.prompt_logprobs([ids])
     for t in range(1, len(ids)):
@@ -356,7 +370,7 @@ def check_probe(client: VLLMClient, tokenizer, policy, runtime: Runtime, compare
                 "serve a model with the policy's tokenizer"
             )
     if not compare_logprobs:
-        return None
+        return Probe(None, temperature)
     served = torch.tensor(read_logprobs(entries, ids, 1, 0))
     from .policy import response_logprobs
 
@@ -370,16 +384,20 @@ def check_probe(client: VLLMClient, tokenizer, policy, runtime: Runtime, compare
         return values
 
     diff = float((served - policy_logprobs(temperature)).abs().mean())
-    if diff > tolerance and temperature != 1.0 and float((served - policy_logprobs(1.0)).abs().mean()) < diff / 2:
-        from .vllm_plugin import ENV
+    if diff > tolerance and temperature != 1.0:
+        at_1 = float((served - policy_logprobs(1.0)).abs().mean())
+        if at_1 < diff / 2 and accept_temperature_1 and at_1 <= tolerance:
+            return Probe(at_1, 1.0)
+        if at_1 < diff / 2:
+            from .vllm_plugin import ENV
 
-        raise UserError(
-            f"the {role} server gives log-probs at temperature 1, but rollouts are sampled at --temperature {temperature:g}; "
-            f"start it with {ENV}={temperature:g} in its environment (open-instruct2 installed beside vLLM), or train with --temperature 1"
-        )
+            raise UserError(
+                f"the {role} server gives log-probs at temperature 1, but rollouts are sampled at --temperature {temperature:g}; "
+                f"start it with {ENV}={temperature:g} in its environment (open-instruct2 installed beside vLLM), or train with --temperature 1"
+            )
     if diff > tolerance:
         raise UserError(
             f"the {role} server's model does not compute the policy's log-probs (mean |difference| {diff:.3f} on a probe); "
             "serve the policy's starting model, or name the intended one with --reference_model_name_or_path"
         )
-    return diff
+    return Probe(diff, temperature)

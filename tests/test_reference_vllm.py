@@ -57,7 +57,7 @@ def rollouts(builtin_policy, tokenizer):
 
 
 def test_vllm_logprobs_match_in_process(vllm_server, builtin_policy, rollouts):
-    """At the sampling temperature: the session server runs with our plugin's OPEN_INSTRUCT2_LOGPROB_TEMPERATURE."""
+    """The session server is started plainly: its prompt log-probs are the policy's at temperature 1."""
     from open_instruct2.reference import batched_logprobs
 
     rows = list(range(6))
@@ -68,8 +68,8 @@ def test_vllm_logprobs_match_in_process(vllm_server, builtin_policy, rollouts):
     diff = (served - local).abs()[mask]
     assert float(diff.max()) < 1e-3, float(diff.max())
     assert float(served[~mask].abs().max()) == 0.0  # aligned with the response mask, zero outside
-    raw = batched_logprobs(builtin_policy, rollouts, rows, 6, 1.0)
-    assert float((served - raw).abs()[mask].mean()) > 0.05  # temperature 1 is a different distribution
+    sampling = batched_logprobs(builtin_policy, rollouts, rows, 6, 0.7)
+    assert float((served - sampling).abs()[mask].mean()) > 0.05  # temperature 0.7 is a different distribution
 
 
 def test_batched_and_single_requests_agree_and_chunks_keep_order(vllm_server):
@@ -89,7 +89,7 @@ def test_probe_catches_wrong_tokenizer_and_wrong_model(vllm_server, builtin_poli
 
     runtime = resolve_runtime(default_config().runtime)
     c = client_for(vllm_server)
-    assert rv.check_probe(c, tokenizer, builtin_policy, runtime, True, TEMPERATURE) < 1e-3
+    assert rv.check_probe(c, tokenizer, builtin_policy, runtime, True, TEMPERATURE).diff < 1e-3
     words = sorted(set(rv.PROBE_TEXT.replace(".", " ").replace("?", " ").split()))
     other = Tokenizer(models.WordLevel({w: i + 100 for i, w in enumerate(words)} | {"[UNK]": 0}, unk_token="[UNK]"))
     other.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -101,28 +101,16 @@ def test_probe_catches_wrong_tokenizer_and_wrong_model(vllm_server, builtin_poli
         rv.check_probe(c, tokenizer, tiny, runtime, True, TEMPERATURE)
 
 
-class ScaledLogits(torch.nn.Module):
-    """The builtin model with its logits multiplied by `scale` (so at temperature 1 it is the model at 1/scale)."""
-
-    def __init__(self, model, scale):
-        super().__init__()
-        self.model, self.scale = model, scale
-
-    def forward(self, **kwargs):
-        out = self.model(**kwargs)
-        out.logits = out.logits * self.scale
-        return out
-
-
-def test_probe_names_the_temperature_variable_when_an_endpoint_serves_temperature_1(vllm_server, builtin_policy, tokenizer):
-    """The session server gives log-probs of softmax(z / 0.7). A policy whose logits are z / 0.7, trained at
-    --temperature 0.5, sees an endpoint that matches it at temperature 1 only: the error says how to start it."""
+def test_a_plain_endpoint_is_a_reference_at_temperature_1_and_no_rollout_server(vllm_server, builtin_policy, tokenizer):
+    """The session server (no plugin variable) matches the policy at temperature 1 only. Trained at --temperature
+    0.7, a reference takes it as it is (the KL term pairs the policy at temperature 1 with it), while a rollout
+    server must sample and score at 0.7: refused, naming the variable that fixes it."""
     runtime = resolve_runtime(default_config().runtime)
     c = client_for(vllm_server)
-    policy = ScaledLogits(builtin_policy, 1 / TEMPERATURE)
-    assert rv.check_probe(c, tokenizer, policy, runtime, True, 1.0) < 1e-3
-    with pytest.raises(UserError, match="log-probs at temperature 1, but rollouts are sampled at --temperature 0.5.*OPEN_INSTRUCT2_LOGPROB_TEMPERATURE=0.5"):
-        rv.check_probe(c, tokenizer, policy, runtime, True, 0.5)
+    probe = rv.check_probe(c, tokenizer, builtin_policy, runtime, True, 0.7, accept_temperature_1=True)
+    assert probe.temperature == 1.0 and probe.diff < 1e-3
+    with pytest.raises(UserError, match="log-probs at temperature 1, but rollouts are sampled at --temperature 0.7.*OPEN_INSTRUCT2_LOGPROB_TEMPERATURE=0.7"):
+        rv.check_probe(c, tokenizer, builtin_policy, runtime, True, 0.7, role="rollout")
 
 
 def test_bad_replies_are_clear_errors(vllm_server, rollouts):

@@ -198,7 +198,34 @@ def test_filtered_group_fraction_is_logged_only_when_filtering(built):
     on = trainer.step_metrics(scores, rollouts, sel, 3, {}, {"rollout": 1.0}, 1e-3, filtering=True)
     off = trainer.step_metrics(scores, rollouts, sel, 3, {}, {"rollout": 1.0}, 1e-3, filtering=False)
     assert "rollout/filtered_group_fraction" in on and "rollout/filtered_group_fraction" not in off
-    assert on["rollout/zero_std_group_fraction"] == off["rollout/zero_std_group_fraction"]
+    groups = scores.rewards.view(-1, 3)
+    by_hand = float((groups.max(dim=1).values == groups.min(dim=1).values).float().mean())  # groups whose rewards are all equal
+    assert on["rollout/filtered_group_fraction"] == on["rollout/zero_std_group_fraction"] == by_hand
+
+
+def test_what_filtering_changes_with_several_mini_batches(built):
+    """The README's claim made exact. beta 0, two mini-batches, the first group rewarded once, the second with no
+    signal: while each mini-batch holds a sample with a signal, filtering the second group leaves the update as it
+    was without filtering. A mini-batch holding only the no-signal group is where they differ: filtered, it makes no
+    optimizer step; unfiltered, it takes an AdamW step on a zero gradient, which still moves the weights (the
+    momentum of the mini-batch before)."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+
+    def weights_after(filtering, seed):
+        run, rollouts = built(beta=0.0, reference_mode="none", train_mode="full", num_mini_batches=2, filter_zero_std_groups=filtering)
+        selected = select_rows(rewards, ["stop"] * 6, 3, run.cfg, with_kl=False)
+        assert selected.computed == ([0, 1, 2] if filtering else list(range(6)))
+        torch.manual_seed(seed)  # the mini-batches: halves of torch.randperm(6) after this seed
+        metrics = update.update_policy(run, rollouts, trainer.compute_advantages(rewards, 3, "standard"), None, selected)
+        return torch.cat([p.detach().flatten() for p in run.policy.parameters()]), metrics["train/optimizer_steps"]
+
+    # seed 1: mini-batches {1, 5, 2} and {0, 3, 4}: both hold a sample of the rewarded group
+    (a, steps_a), (b, steps_b) = weights_after(True, 1), weights_after(False, 1)
+    assert steps_a == steps_b == 2 and torch.allclose(a, b, rtol=0, atol=1e-6)
+    # seed 24: mini-batches {2, 1, 0} and {4, 5, 3}: the second holds only the group with no signal
+    (a, steps_a), (b, steps_b) = weights_after(True, 24), weights_after(False, 24)
+    assert (steps_a, steps_b) == (1, 2)
+    assert float((a - b).abs().max()) > 1e-4  # lr 1e-3: the unfiltered zero-gradient step moved the weights
 
 
 # ---------------------------------------------------------------- 6. dropout
@@ -241,7 +268,9 @@ def test_bf16_gradients_accumulate_in_fp32(tmp_path, tiny_model_dir, tokenizer):
         part = rollouts.rows([r])
         logprobs = response_logprobs(run.policy, part.input_ids, part.attention_mask, part.prompt_width, cfg.rollout.temperature)
         loss, _ = grpo_loss(logprobs, logprobs.detach(), None, advantages[[r]], part.response_mask, norm, clip_lower=0.2,
-                                    clip_higher=0.2, beta=0.0, kl_estimator="kl3", aggregation="token_mean")
+                            clip_higher=0.2, beta=0.0, kl_estimator="kl3", aggregation="token_mean",
+                            sampler_logprobs=rollouts.sampler_logprobs[[r], : logprobs.shape[1]],  # generate's own, as the update uses
+                            importance_cap=cfg.rollout.importance_sampling_cap)
         loss.backward()
         grads = [p.grad.double() for p, _ in run.master.pairs]
         exact = grads if exact is None else [a + b for a, b in zip(exact, grads)]

