@@ -23,7 +23,7 @@ DEMO_DIR := output_open_instruct2/demo
 RUN_ARGS ?= --train_mode lora --learning_rate 2e-4 --reference_mode none --beta 0 \
 	--num_training_steps 70 --num_unique_prompts_rollout 4 --num_samples_per_prompt_rollout 8 --response_length 64 \
 	--gradient_checkpointing false --remap_verifier gsm8k=gsm8k_strict --system_prompt_file examples/arithmetic_system_prompt.txt \
-	--dataset_mixer_eval_list builtin:arithmetic 200 --dataset_mixer_eval_list_splits test_rephrased --num_evals 3 \
+	--dataset_mixer_eval_list builtin:arithmetic 200 --dataset_mixer_eval_list_splits test_rephrased --num_evals 3 --eval_max_samples 200 \
 	--output_dir output_open_instruct2 --run_name demo
 
 .PHONY: setup run test bench clean-venv

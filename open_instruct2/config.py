@@ -357,10 +357,10 @@ class ReferenceConfig:
 
 @documented("eval, checkpoints and tracking")
 class TrackingConfig:
-    num_evals: int = 10
-    """Evaluations evenly spaced over the run, plus one before the first step (0: none). The set: dataset_mixer_eval_list, or builtin:arithmetic's test split when training on builtin:arithmetic."""
-    eval_max_samples: int = 256
-    """Most evaluation prompts per evaluation (greedy decoding, response_length tokens)."""
+    num_evals: Optional[int] = None
+    """Evaluations evenly spaced over the run, plus one before the first step (0: none). The set: dataset_mixer_eval_list, or builtin:arithmetic's test split when training on builtin:arithmetic. Default: 10 (the original's), but at most one per 10 training steps (a 5-step try-out evaluates nothing and says so); a value given is used as is."""
+    eval_max_samples: Optional[int] = None
+    """Most evaluation prompts per evaluation (greedy decoding, response_length tokens). Default: 256 (the original's) on a GPU, 64 on a CPU or Mac (256 took 215 s per evaluation on a 2-core CPU)."""
     save_freq: int = -1
     """Save model + tokenizer to checkpoints/step_<N> every N steps (-1: off)."""
     checkpoint_state_freq: int = -1
@@ -464,8 +464,8 @@ def apply_smoke_test(cfg: Config) -> Config:
     cfg.tracking.with_tracking = False
     cfg.tracking.save_freq = -1
     cfg.tracking.checkpoint_state_freq = -1
-    cfg.tracking.eval_max_samples = min(cfg.tracking.eval_max_samples, 8)
-    cfg.tracking.num_evals = min(cfg.tracking.num_evals, 1)
+    cfg.tracking.eval_max_samples = min(cfg.tracking.eval_max_samples or 8, 8)
+    cfg.tracking.num_evals = 1 if cfg.tracking.num_evals is None else min(cfg.tracking.num_evals, 1)
     cfg.rubric.apply_adaptive_rubric_reward = False
     cfg.rubric.use_rubric_buffer = False
     cfg.rubric.normalize_rubric_scores = False
@@ -536,9 +536,10 @@ def validate(cfg: Config) -> None:
         "memory_profile_step_interval": cfg.memory.memory_profile_step_interval,
         "reference_startup_timeout_s": ref.reference_startup_timeout_s,
         "reference_timeout_s": ref.reference_timeout_s,
-        "eval_max_samples": cfg.tracking.eval_max_samples,
     }
-    _require(cfg.tracking.num_evals >= 0, f"--num_evals must be >= 0 (0: no evaluation), got {cfg.tracking.num_evals}")
+    if cfg.tracking.eval_max_samples is not None:
+        positive["eval_max_samples"] = cfg.tracking.eval_max_samples
+    _require(cfg.tracking.num_evals is None or cfg.tracking.num_evals >= 0, f"--num_evals must be >= 0 (0: no evaluation), got {cfg.tracking.num_evals}")
     if cfg.tracking.with_tracking:
         import importlib.util
 
@@ -737,6 +738,20 @@ class Derived:
     mini_batch_size: int
     warmup_steps: int
     """Warm-up in training steps (the learning-rate schedule follows training steps)."""
+    num_evals: int
+    """Evaluations after step 0: --num_evals, or by default DEFAULT_NUM_EVALS, at most one per STEPS_PER_DEFAULT_EVAL steps."""
+
+
+DEFAULT_NUM_EVALS = 10
+"""The original's num_evals."""
+STEPS_PER_DEFAULT_EVAL = 10
+"""Without --num_evals, at most one evaluation per this many training steps."""
+EVAL_SAMPLES_GPU, EVAL_SAMPLES_CPU = 256, 64
+"""Without --eval_max_samples: the original's 256 on a GPU; on a CPU or Mac 64 (256 greedy answers took 215 s on 2 cores)."""
+
+
+def eval_max_samples(cfg: Config, device_type: str) -> int:
+    return cfg.tracking.eval_max_samples or (EVAL_SAMPLES_GPU if device_type == "cuda" else EVAL_SAMPLES_CPU)
 
 
 def derive(cfg: Config, now: float | None = None) -> Derived:
@@ -749,6 +764,7 @@ def derive(cfg: Config, now: float | None = None) -> Derived:
             f"--total_episodes {ro.total_episodes} is less than one rollout batch of {batch}; raise it or set --num_training_steps"
         )
     warmup = op.warm_up_steps if op.warm_up_steps > 0 else math.ceil(op.warmup_ratio * steps)
+    evals = cfg.tracking.num_evals if cfg.tracking.num_evals is not None else min(DEFAULT_NUM_EVALS, steps // STEPS_PER_DEFAULT_EVAL)
     return Derived(
         run_name=run_name,
         run_dir=os.path.join(ex.output_dir, run_name),
@@ -756,4 +772,5 @@ def derive(cfg: Config, now: float | None = None) -> Derived:
         rollout_batch_size=batch,
         mini_batch_size=batch // op.num_mini_batches,
         warmup_steps=warmup,
+        num_evals=evals,
     )

@@ -2,9 +2,12 @@
 
 - Set: `dataset_mixer_eval_list` / `_splits` (same form as the training mixer); when it is empty and the run
   trains on the builtin arithmetic data, its `test` split (disjoint from `train`). At most
-  `eval_max_samples` prompts (`shuffle_eval_dataset` shuffles with the run's seed before taking them).
+  `eval_max_samples` prompts (default 256 on a GPU, 64 on a CPU or Mac; `shuffle_eval_dataset` shuffles with the
+  run's seed before taking them).
 - When: once before the first step (step 0) and `num_evals` times evenly spaced over the run, the last one
-  after the final step (`eval_schedule`); `--num_evals 0` turns it off.
+  after the final step (`eval_schedule`); `--num_evals 0` turns it off. Without `--num_evals`: 10, at most one per
+  10 training steps, so a short try-out does not spend its time evaluating. The plan (prompts, steps) is logged at
+  start-up, and after the first evaluation how long the rest will take.
 - How: greedy decoding (no sampling), `response_length` tokens, the same stop strings, in batches.
 - What: `eval/accuracy` (verifier score 1), `eval/<verifier>/accuracy` per verifier name, `eval/reward_mean`
   (the training reward, format and penalties included), response length and truncation; every completion
@@ -14,18 +17,21 @@
 """
 
 import json
+import logging
 import os
 import random
 from collections import defaultdict
 
 import torch
 
-from .config import Config
+from .config import STEPS_PER_DEFAULT_EVAL, Config, derive, eval_max_samples
 from .data import Prompt, PromptBatch, build_prompts
 from .rewards import compute_scores
 from .rollout import generate_rollouts
 from .rubrics import RUBRIC_VERIFIERS, rubric_inputs
 from .verifiers import final_answer
+
+log = logging.getLogger(__name__)
 
 
 def eval_schedule(num_training_steps: int, num_evals: int) -> set[int]:
@@ -46,15 +52,27 @@ def eval_mixer(cfg: Config) -> tuple[list[str], list[str]]:
     return [], []
 
 
-def load_eval_prompts(cfg: Config, tokenizer, system_prompt: str | None, template_kwargs: dict) -> list[Prompt]:
+def load_eval_prompts(cfg: Config, tokenizer, system_prompt: str | None, template_kwargs: dict, device_type: str = "cpu") -> list[Prompt]:
+    """The held-out prompts (at most eval_max_samples: the flag, or its default for this device), or [] when
+    there is no eval set or no evaluation is due (num_evals resolved to 0: logged, with how to turn it on)."""
     mixer, splits = eval_mixer(cfg)
-    if not mixer or cfg.tracking.num_evals <= 0:
+    if not mixer:
+        return []
+    derived = derive(cfg)
+    if derived.num_evals <= 0:
+        if cfg.tracking.num_evals is None:
+            log.info("evaluation: off for a %d-step run (by default at most one evaluation per %d steps); --num_evals N evaluates anyway",
+                     derived.num_training_steps, STEPS_PER_DEFAULT_EVAL)
         return []
     prompts = build_prompts(mixer, splits, tokenizer, cfg.data.max_prompt_token_length, system_prompt=system_prompt,
                             add_bos=cfg.model.add_bos, flag="dataset_mixer_eval_list", template_kwargs=template_kwargs)
     if cfg.data.shuffle_eval_dataset:
         random.Random(cfg.experiment.seed).shuffle(prompts)
-    return prompts[: cfg.tracking.eval_max_samples]
+    prompts = prompts[: eval_max_samples(cfg, device_type)]
+    steps = sorted(eval_schedule(derived.num_training_steps, derived.num_evals))
+    log.info("evaluation: %d held-out prompts, greedy, up to %d tokens each, at steps %s (%d evaluations; --num_evals 0 turns it off, "
+             "--eval_max_samples sets the size)", len(prompts), cfg.rollout.response_length, ", ".join(map(str, steps)), len(steps))
+    return prompts
 
 
 @torch.no_grad()

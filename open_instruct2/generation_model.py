@@ -23,7 +23,7 @@ import logging
 import torch
 from torch import nn
 
-from .config import Config
+from .config import Config, derive
 from .errors import UserError
 from .runtime import Runtime
 
@@ -215,7 +215,7 @@ def make_generation_model(cfg: Config, runtime: Runtime, policy: nn.Module, long
     cuda, cpu = runtime.device.type == "cuda", runtime.device.type == "cpu"
     ro, lora = cfg.rollout, cfg.lora.train_mode == "lora"
     static = ro.generation_cache == "static" or (ro.generation_cache == "auto" and cuda and steps >= COMPILE_WORTH_STEPS)
-    hf_generates = ro.rollout_backend == "hf" or cfg.tracking.num_evals > 0  # rollouts here, or evaluation
+    hf_generates = ro.rollout_backend == "hf" or derive(cfg).num_evals > 0  # rollouts here, or evaluation
     can_pack = cpu and packing_available(runtime.dtype)
     if ro.generation_linear == "packed" and not can_pack:
         why = runtime.device.type if not cpu else f"a CPU whose oneDNN cannot pack {str(runtime.dtype).removeprefix('torch.')} weights"

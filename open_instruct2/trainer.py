@@ -239,6 +239,10 @@ def evaluate_if_due(run: Run, step: int) -> None:
     run.tracker.log_eval(step, metrics)
     run.evals.append((step, metrics))
     write_eval_records(run.derived.run_dir, step, records)
+    left = sum(1 for s in run.eval_steps if s > step)
+    if len(run.evals) == 1 and left:
+        log.info("evaluation: %d more, about %.0f s in all (%.0f s each); --num_evals 0 turns it off", left, left * metrics["eval/seconds"],
+                 metrics["eval/seconds"])
 
 
 def plot_run(run_dir: str) -> None:
@@ -402,7 +406,7 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
         cfg.data.dataset_mixer_list, cfg.data.dataset_mixer_list_splits, tokenizer, cfg.data.max_prompt_token_length,
         system_prompt=system_prompt, add_bos=cfg.model.add_bos, template_kwargs=template_kwargs,
     )
-    eval_prompts = load_eval_prompts(cfg, tokenizer, system_prompt, template_kwargs)
+    eval_prompts = load_eval_prompts(cfg, tokenizer, system_prompt, template_kwargs, runtime.device.type)
     if cfg.reward.apply_verifiable_reward:
         prepare_verifiers(prompts + eval_prompts, cfg)
     log.info("data: %d prompts%s", len(prompts), f", {len(eval_prompts)} held out for evaluation" if eval_prompts else "")
@@ -450,7 +454,7 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
     trainable = sum(p.numel() for p in trainable_parameters(policy))
     log.info("policy: %s, %.1fM trainable parameters, run folder %s", cfg.lora.train_mode, trainable / 1e6, derived.run_dir)
     run = Run(cfg, derived, runtime, tokenizer, prompts, PromptSampler(len(prompts), cfg.experiment.seed), policy, reference,
-              master, optimizer, scheduler, tracker, eval_prompts, eval_schedule(derived.num_training_steps, cfg.tracking.num_evals)
+              master, optimizer, scheduler, tracker, eval_prompts, eval_schedule(derived.num_training_steps, derived.num_evals)
               if eval_prompts else set(), profiler)
     if judge_wanted(cfg.rubric):
         run.rubrics = RubricScorer(cfg.rubric, *make_judges(cfg.rubric))

@@ -231,3 +231,26 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, tiny_model_dir, monkeyp
     trainer.train(tiny_config(tmp_path, tiny_model_dir, run_name="w", **common))
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and saved and all(r.name.endswith(f"-{saved}") for r in runs)
+
+
+def test_a_short_try_out_does_not_spend_its_time_evaluating(tmp_path, tiny_model_dir):
+    """On builtin data a run evaluated 256 prompts before step 1 and after every step of a 5-step try-out. Without
+    --num_evals: at most one evaluation per 10 steps (none here, said once), 64 prompts on a CPU, and the plan and
+    its cost are logged; a value given is used as is."""
+    from open_instruct2.config import default_config, derive
+
+    assert derive(default_config(num_training_steps=5)).num_evals == 0
+    assert derive(default_config(num_training_steps=35)).num_evals == 3
+    assert derive(default_config(num_training_steps=500)).num_evals == 10  # the original's default on a long run
+    assert derive(default_config(num_training_steps=5, num_evals=10)).num_evals == 10
+    base = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", "builtin:arithmetic", "1.0", "--reference_mode", "none",
+            "--beta", "0", "--num_unique_prompts_rollout", "2", "--num_samples_per_prompt_rollout", "2", "--response_length", "8",
+            "--policy_dtype", "float32", "--output_dir", tmp_path / "out"]
+    proc = run_cli(*base, "--num_training_steps", "3", "--run_name", "short")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "evaluation: off for a 3-step run" in proc.stdout and "eval at step" not in proc.stdout
+    assert not (tmp_path / "out" / "short" / "evals").exists()
+    proc = run_cli(*base, "--num_training_steps", "20", "--run_name", "longer")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "evaluation: 64 held-out prompts, greedy, up to 8 tokens each, at steps 0, 10, 20 (3 evaluations" in proc.stdout
+    assert "evaluation: 2 more, about" in proc.stdout and proc.stdout.count("eval at step") == 3

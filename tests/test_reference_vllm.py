@@ -316,6 +316,8 @@ def test_launch_local_vllm_survives_a_killed_server(tmp_path):
     assert API_KEY not in command
     assert proc.returncode == 0, stderr[-3000:]
     assert "relaunching the vLLM reference server" in stdout
+    # a launched server gets the plugin's variable: the KL stays at the sampling temperature (the plugin works)
+    assert "the KL term compares the policy and the reference at the sampling temperature 0.7" in stdout
     assert len(metrics.read_text().splitlines()) == 3
     assert not psutil.pid_exists(server.pid) or server.status() == psutil.STATUS_ZOMBIE
     assert not [p for p in psutil.process_iter(["cmdline"]) if f"--port {port}" in " ".join(p.info["cmdline"] or [])]
@@ -349,3 +351,23 @@ def test_sigterm_saves_a_resumable_state_and_stops_the_launched_server(tmp_path)
     assert newest_state(str(tmp_path / "out" / "r")).endswith(f"step_{steps}")  # the state of the last finished step
     gone, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, [p.pid for p in alive]
+
+
+def test_the_original_readme_example_3_against_a_plainly_started_server(vllm_server, tmp_path):
+    """Example 3 as a new user runs it: `python -m vllm.entrypoints.openai.api_server --model ...` (the session
+    server: no plugin variable, log-probs at temperature 1), then the training command at the default temperature
+    0.7. It was refused at start-up. Now the KL term pairs the policy at temperature 1 with the served log-probs:
+    on the first step, policy = reference, the KL is ~0. (Here: auto runtime instead of linux_gpu, the builtin model
+    and local rows instead of the hub, a tiny batch, fp32, and the session server's API key.)"""
+    data = write_rows(tmp_path / "rows.jsonl", 8)
+    proc = run_cli("--runtime_target", "auto", "--reference_mode", "endpoint_vllm", "--reference_endpoint", vllm_server,
+                   "--model_name_or_path", BUILTIN, "--dataset_mixer_list", data, "1.0", "--dataset_mixer_list_splits", "train",
+                   "--total_episodes", "2", "--num_unique_prompts_rollout", "1", "--num_samples_per_prompt_rollout", "2",
+                   "--response_length", "16", "--policy_dtype", "float32", "--gradient_checkpointing", "false",
+                   "--reference_api_key", API_KEY, "--output_dir", tmp_path / "out", "--run_name", "ex3", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the endpoint serves log-probs at temperature 1" in proc.stdout and "the ratio and the policy gradient stay at the sampling temperature 0.7" in proc.stdout
+    run_dir = tmp_path / "out" / "ex3"
+    [step] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train/kl"' in line]
+    assert abs(step["train/kl"]) < 1e-4, step["train/kl"]
+    assert json.loads((run_dir / "open_instruct2_config.json").read_text())["kl_temperature"] == 1.0
