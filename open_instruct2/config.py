@@ -200,9 +200,9 @@ class RolloutConfig:
     rollout_vllm_lora_sync: Literal["auto", "merged", "adapter"] = "auto"
     """vllm backend with --train_mode lora: 'merged' writes the merged weights and reloads them; 'adapter' saves only the adapter and loads it into the server by name (/v1/load_lora_adapter; the server runs with --enable-lora). auto = adapter on a GPU, merged on CPU (vLLM's CPU LoRA kernels generate ~4x slower than merged weights here)."""
     importance_sampling_cap: float = 2.0
-    """vllm backend: truncated importance sampling. Each policy-gradient term is weighted by min(exp(trainer log-prob - server log-prob), cap) of the sampled token (or sequence), correcting for the sampler not being exactly the trainer's model; 0 = no correction (the mismatch is still logged)."""
+    """Truncated importance sampling, both backends. Each policy-gradient term is weighted by min(exp(trainer log-prob - sampler log-prob), cap) of the sampled token (or sequence), correcting for the sampler not being exactly the trainer's model (a vLLM server; HF generate from a merged or packed bf16 copy, or any KV-cached decoding); 0 = no correction (the mismatch is still logged as train/sampler_mismatch_*)."""
     importance_sampling_level: Literal["token", "sequence"] = "token"
-    """vllm backend: 'token' weighs each token by its own ratio; 'sequence' weighs every token of a response by the product of its ratios (capped)."""
+    """'token' weighs each token by its own ratio; 'sequence' weighs every token of a response by the product of its ratios (capped)."""
 
 
 @documented("optimisation")
@@ -246,7 +246,7 @@ class OptimConfig:
     max_nonfinite_updates: int = 3
     """A step whose loss or gradient is not finite skips its update (counted in train/nonfinite_updates); this many such steps in a row stop the run, after saving. New."""
     filter_zero_std_groups: bool = True
-    """Skip the forward/backward of groups whose rewards are all equal when they contribute nothing (beta 0). The update is the same either way: their advantage is 0, they stay in the loss denominators, and with beta > 0 they keep their KL term."""
+    """Skip the forward/backward of groups whose rewards are all equal when they contribute nothing (beta 0): their advantage is 0, they stay in the loss denominators, and with beta > 0 they keep their KL term. The update is the same either way as long as each mini-batch holds a sample with a signal; a mini-batch with none makes no optimizer step when filtered, while unfiltered it takes an AdamW step on a zero gradient (momentum and weight decay still move the weights)."""
 
 
 @documented("rewards")

@@ -18,6 +18,7 @@ VERIFIERS: dict[str, VerifierFn] = {}
 VERIFIER_DOCS: dict[str, str] = {}
 GROUND_TRUTH_CHECKS: dict[str, Callable[[str], object]] = {}
 MAX_ANSWER_CHARS = 400  # longer extracted answers are not parsed (they are never a short final answer)
+_LOADING: list[str] | None = None  # names registered while load_verifier_module runs a user's file
 
 
 def register(name: str, doc: str, check_ground_truth: Callable[[str], object] | None = None):
@@ -25,6 +26,8 @@ def register(name: str, doc: str, check_ground_truth: Callable[[str], object] | 
     parses a row's ground truth at start-up and raises ValueError naming what is wrong (its result is unused)."""
 
     def wrap(fn: VerifierFn) -> VerifierFn:
+        if _LOADING is not None:
+            _LOADING.append(name)
         VERIFIERS[name] = fn
         VERIFIER_DOCS[name] = doc
         if check_ground_truth is not None:
@@ -281,17 +284,20 @@ def load_verifier_module(path: str) -> list[str]:
 
     from .errors import UserError
 
-    before = set(VERIFIERS)
+    global _LOADING
     name = "open_instruct2_user_verifiers_" + hashlib.sha1(path.encode()).hexdigest()[:8]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise UserError(f"--verifier_module {path!r} is not a Python file; give a .py file")
     module = importlib.util.module_from_spec(spec)
+    _LOADING = []  # what this file registers (loaded again in the same process, e.g. a resumed run, it registers the same names)
     try:
         spec.loader.exec_module(module)
+        added = sorted(set(_LOADING))
     except Exception as e:  # noqa: BLE001 - the user's code: report it in one line
         raise UserError(f"--verifier_module {path!r} failed to load: {type(e).__name__}: {e}; fix the file") from None
-    added = sorted(set(VERIFIERS) - before)
+    finally:
+        _LOADING = None
     if not added:
         raise UserError(f"--verifier_module {path!r} registered no verifier; call open_instruct2.verifiers.register(name, doc) on a function")
     return added

@@ -247,8 +247,11 @@ def test_a_state_is_never_resumed_at_another_precision(tmp_path, tiny_model_dir,
     were written over the loaded ones, silently. Now: one line naming both sides and the fix, nothing written; the
     fix it names (--policy_dtype float32, an explicit flag where auto was used) resumes."""
     from open_instruct2 import runtime
+    from test_train_e2e import VERIFIER
 
-    common = dict(policy_dtype=None, num_training_steps=3, checkpoint_state_freq=1, num_evals=0, beta=0.1, learning_rate=1e-2)
+    (tmp_path / "v.py").write_text(VERIFIER)  # even_length: groups differ, so every step really moves the weights
+    common = dict(policy_dtype=None, num_training_steps=3, checkpoint_state_freq=1, num_evals=0, beta=0.1, learning_rate=1e-2,
+                  verifier_module=str(tmp_path / "v.py"), remap_verifier=["gsm8k=even_length"], temperature=1.0, num_samples_per_prompt_rollout=4)
     native = runtime.cpu_has_native_bf16()
     saved, other = ("bfloat16", "float32") if native else ("float32", "bfloat16")
     stopped_after(tiny_config(tmp_path, tiny_model_dir, run_name="r", **common), 2)
@@ -270,8 +273,9 @@ def test_a_state_is_never_resumed_at_another_precision(tmp_path, tiny_model_dir,
     done = trainer.train(tiny_config(tmp_path, tiny_model_dir, run_name="r", **{**common, "policy_dtype": saved}))
     assert [m["step"] for m in train_lines(done)] == [1, 2, 3]
     straight = trainer.train(tiny_config(tmp_path / "s", tiny_model_dir, run_name="r", **{**common, "policy_dtype": saved}))
-    a, b = weights(straight), weights(done)
+    a, b, start_weights = weights(straight), weights(done), weights(tiny_model_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)  # it continued from the saved weights, not from the start
+    assert not torch.equal(a["model.layers.0.mlp.down_proj.weight"], start_weights["model.layers.0.mlp.down_proj.weight"])  # it trained
 
 
 def test_the_eval_table_and_the_failure_streaks_survive_a_resume(tmp_path, tiny_model_dir, monkeypatch, capsys):

@@ -225,3 +225,20 @@ def test_gsm8k_format_pays_the_format_once_and_the_right_number_most():
     assert fmt("7 + 5 = 12", "12") == 0.0  # right number without the format: nothing
     assert fmt("#### 12\n#### 13", "12") == 0.0 and fmt("#### 11\n#### 12", "12") == 0.0  # lists of guesses: nothing
     assert fmt("#### twelve", "12") == 0.0 and fmt("####", "12") == 0.0
+
+
+def test_a_verifier_module_loads_again_in_the_same_process(tmp_path):
+    """An in-process resume (or a notebook's second run) loads --verifier_module again: it registers the same names,
+    which is not "registered no verifier"."""
+    from test_train_e2e import VERIFIER
+
+    path = tmp_path / "v.py"
+    path.write_text(VERIFIER)
+    assert V.load_verifier_module(str(path)) == ["even_length"]
+    assert V.load_verifier_module(str(path)) == ["even_length"]
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    from open_instruct2.errors import UserError
+
+    with pytest.raises(UserError, match="registered no verifier"):
+        V.load_verifier_module(str(empty))
