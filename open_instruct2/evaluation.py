@@ -81,7 +81,7 @@ def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batc
     """Greedy answers to every prompt; returns (eval/ metrics, one record per prompt). With a static cache the
     last chunk is filled up to batch_size with repeats of its first prompt (answers dropped): one batch shape,
     one compile. Rubric rows are scored by `rubrics` (the run's RubricScorer: its judge, on each row's own items;
-    rubrics.RubricScorer.score_each); a row it could not score is left out of every mean and counted in
+    rubric_scorer.RubricScorer.score_each); a row it could not score is left out of every mean and counted in
     eval/unscored, never averaged in as 0."""
     texts, reasons, lengths = [], [], []
     for start in range(0, len(prompts), batch_size):

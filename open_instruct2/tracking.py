@@ -140,7 +140,7 @@ def dump_rollouts(run_dir: str, step: int, prompts, rollouts, scores, advantages
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step_{step}.jsonl")
     in_loss, computed = set(selected.rows), set(selected.computed)
-    zero_std = zero_std_groups(scores.rewards, group).tolist()
+    zero_std = zero_std_groups(scores.rewards, group, scores.valid).tolist()
     lengths, advantages = rollouts.response_lengths.tolist(), advantages.tolist()
     with open(path, "w") as f:
         for i, text in enumerate(rollouts.response_texts):

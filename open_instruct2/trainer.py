@@ -33,7 +33,8 @@ from .generation_model import GenerationModel, make_generation_model
 from .memory_profile import MemoryProfiler
 from .reference_vllm import ReferenceFailure
 from .rewards import Scores, compute_scores
-from .rubrics import RUBRIC_VERIFIERS, RubricScorer, append_records, judge_failed_entirely, make_judges, rubric_inputs, score_batch
+from .rubric_scorer import RubricScorer, score_batch
+from .rubrics import RUBRIC_VERIFIERS, append_records, judge_failed_entirely, make_judges, rubric_inputs
 from .verifiers import final_answer
 from .rollout import Rollouts, generate_rollouts, ignored_generation_settings
 from .rollout_vllm import RolloutFailure, VLLMRollouts, make_vllm_rollouts

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from open_instruct2 import rubrics as R
+from open_instruct2.rubric_scorer import RubricScorer
 from open_instruct2.judge import Judge, JudgeSettings, parse_json_object
 
 # ---------------------------------------------------------------- scores
@@ -239,7 +240,7 @@ def test_a_step_of_rubric_scoring_with_failures_and_adaptive_items():
     cfg = RubricConfig(apply_adaptive_rubric_reward=True, use_rubric_buffer=True, max_active_rubrics=5)
     buffer = {}
     try:
-        scorer = R.RubricScorer(cfg, judge_for(server.url))
+        scorer = RubricScorer(cfg, judge_for(server.url))
         out = scorer.score(1, ["p0"], ["What is 2 + 2?"], [[rub("Names the answer")]], ["4, because 2 + 2 = 4", "5"], 2, buffer)
     finally:
         server.close()
@@ -267,7 +268,7 @@ def score_two_identical_answers(script, **flags):
 
     server = ScriptedJudge(script)
     try:
-        scorer = R.RubricScorer(RubricConfig(**flags), judge_for(server.url))
+        scorer = RubricScorer(RubricConfig(**flags), judge_for(server.url))
         return scorer.score(1, ["p0"], ["What is 2 + 2?"], [[POSITIVE, NEGATIVE]], ["4", "4"], 2, {}), server.requests
     finally:
         server.close()
@@ -310,7 +311,7 @@ def test_a_judge_outage_leaves_the_rubric_buffer_untouched():
     buffer = {}
     server = ScriptedJudge([("status", 503)] * 8)
     try:
-        out = R.RubricScorer(cfg, judge_for(server.url)).score(1, ["p0"], ["What is 2 + 2?"], [[POSITIVE, NEGATIVE]], ["4", "5"], 2, buffer)
+        out = RubricScorer(cfg, judge_for(server.url)).score(1, ["p0"], ["What is 2 + 2?"], [[POSITIVE, NEGATIVE]], ["4", "5"], 2, buffer)
     finally:
         server.close()
     assert out.scores == [None, None] and out.metrics["rubric/retired"] == 0
@@ -319,7 +320,7 @@ def test_a_judge_outage_leaves_the_rubric_buffer_untouched():
     # a measured zero variance (two answers, equal) still retires
     server = ScriptedJudge([("text", '{"score": 2}'), ("text", '{"score": 0}'), ("text", '{"score": 0}'), ("text", '{"score": 0}')])
     try:
-        R.RubricScorer(cfg, judge_for(server.url)).score(2, ["p0"], ["What is 2 + 2?"], [[POSITIVE, NEGATIVE]], ["4", "5"], 2, buffer)
+        RubricScorer(cfg, judge_for(server.url)).score(2, ["p0"], ["What is 2 + 2?"], [[POSITIVE, NEGATIVE]], ["4", "5"], 2, buffer)
     finally:
         server.close()
     assert [r["description"] for r in buffer["p0"]["active"]] == [POSITIVE.description]
@@ -332,7 +333,7 @@ def test_a_response_with_no_final_answer_scores_0_without_a_call():
 
     server = ScriptedJudge([("text", '{"score": 2}'), ("text", '{"score": 0}')])
     try:
-        out = R.RubricScorer(RubricConfig(), judge_for(server.url)).score(1, ["p0"], ["Q?"], [[POSITIVE, NEGATIVE]], ["4", ""], 2, {})
+        out = RubricScorer(RubricConfig(), judge_for(server.url)).score(1, ["p0"], ["Q?"], [[POSITIVE, NEGATIVE]], ["4", ""], 2, {})
     finally:
         server.close()
     assert len(server.requests) == 2 and out.scores == [1.0, 0.0] and out.metrics["rubric/no_final_answer"] == 1
