@@ -105,6 +105,24 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return sorted(names, key=lambda n: int(n.split("_")[1]))
 
 
+def interrupted_resave(run_dir: str) -> str | None:
+    """A state that a crash left half-way through being saved again (`.step_N.old` and a complete `.step_N.tmp`
+    holding a state, no `step_N`): remove_partial_saves finishes it at start-up. Returns the folder, or None."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    names = set(os.listdir(root))
+    for name in sorted(names):
+        match = re.fullmatch(r"\.(step_\d+)\.old", name)
+        if match and match.group(1) not in names:
+            tmp = os.path.join(root, f".{match.group(1)}.tmp")
+            old = os.path.join(root, name)
+            for folder in (tmp, old):
+                if os.path.isfile(os.path.join(folder, STATE_META)) and os.path.isfile(os.path.join(folder, STATE_TENSORS)):
+                    return folder
+    return None
+
+
 def newest_state(run_dir: str) -> str | None:
     """The newest checkpoint folder holding a complete resumable state, or None."""
     for name in reversed(list_checkpoints(run_dir)):
@@ -169,11 +187,17 @@ def save_config(summary: dict, run_dir: str) -> None:
     """The resolved configuration, secrets already masked by the caller (written beside, then renamed: a rerun's
     flag check reads it, so it is never half-written)."""
     path = os.path.join(run_dir, CONFIG_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise UserError(f"cannot write {path} ({why}); free space or fix the folder's permissions and rerun") from None
 
 
 def load_config(run_dir: str) -> dict | None:

@@ -595,6 +595,9 @@ def validate(cfg: Config) -> None:
     if ro.rollout_backend == "vllm":
         _require(ro.rollout_vllm_endpoint is not None or ref.reference_mode != "launch_local_vllm" or ro.rollout_vllm_port != ref.reference_launch_port,
                  f"--rollout_vllm_port {ro.rollout_vllm_port} equals --reference_launch_port: the two launched servers need different ports; change one")
+        _require(ro.rollout_vllm_served_model_name is None or ro.rollout_vllm_endpoint is not None,
+                 "--rollout_vllm_served_model_name names the model of an endpoint; a launched rollout server serves the policy under its own name: "
+                 "give --rollout_vllm_endpoint or drop the flag")
         _require(ro.rollout_vllm_endpoint is None or ro.rollout_vllm_endpoint.startswith(("http://", "https://")),
                  f"--rollout_vllm_endpoint {ro.rollout_vllm_endpoint!r} must start with http:// or https://")
         _require(ro.rollout_vllm_endpoint is None or ref.reference_mode != "endpoint_vllm" or ro.rollout_vllm_endpoint.rstrip("/") != ref.reference_endpoint.rstrip("/"),
@@ -708,13 +711,13 @@ def chat_template_kwargs(model: ModelConfig) -> dict:
 def check_run_dir_free(run_dir: str, resume: bool = False) -> bool:
     """An existing non-empty run folder is never reused, unless it holds a resumable state and resume is on.
     Returns True when the run will resume from it."""
-    from .checkpoint import newest_state
+    from .checkpoint import interrupted_resave, newest_state
 
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ConfigError(f"run folder {run_dir} is a file; choose another --run_name or move it away")
     if not (os.path.isdir(run_dir) and os.listdir(run_dir)):
         return False
-    state = newest_state(run_dir)
+    state = newest_state(run_dir) or interrupted_resave(run_dir)  # the latter is finished at start-up (remove_partial_saves)
     if state and resume:
         return True
     if state:

@@ -21,8 +21,7 @@ from .verifiers import opens_thinking
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-THINK_TAIL = 16
-"""Tokens at a prompt's end searched for an open <think> (templates put it right before the response)."""
+
 
 # Named chat templates for tokenizers without one (or to override it): --chat_template_name.
 CHAT_TEMPLATES = {
@@ -212,6 +211,20 @@ def tokenize_prompt(tokenizer, messages: list[dict], add_bos: bool = False, temp
     return ids
 
 
+def generation_prompt_opens_thinking(tokenizer, template_kwargs: dict | None = None) -> bool:
+    """Whether the text the chat template adds as the generation prompt (rendered with it, minus rendered without it)
+    opens a <think> block it does not close: R1-style templates start the response inside the reasoning. Only that
+    suffix is looked at, so a user message that ends in a literal <think> changes nothing."""
+    chat = [{"role": "user", "content": "x"}]
+    try:
+        with_prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False, **(template_kwargs or {}))
+        without = tokenizer.apply_chat_template(chat, add_generation_prompt=False, tokenize=False, **(template_kwargs or {}))
+    except Exception:  # noqa: BLE001 - a template that cannot render this: the rows' own rendering reports it
+        return False
+    suffix = with_prompt[len(without):] if with_prompt.startswith(without) else with_prompt[-200:]
+    return opens_thinking(suffix)
+
+
 def build_prompts(
     mixer_list: list[str],
     splits: list[str],
@@ -224,6 +237,7 @@ def build_prompts(
 ) -> list[Prompt]:
     """Load, validate and tokenise the mix; drop prompts over the length limit (counted in the log)."""
     prompts, too_long = [], 0
+    thinking = generation_prompt_opens_thinking(tokenizer, template_kwargs)
     for source, row_number, row in mix(mixer_list, splits, flag):
         messages, truths, names = validate_row(row, f"{source} row {row_number}")
         if system_prompt is not None:
@@ -232,7 +246,7 @@ def build_prompts(
         if len(ids) > max_prompt_token_length:
             too_long += 1
             continue
-        prompts.append(Prompt(ids, messages, truths, names, source, row_number, opens_thinking(tokenizer.decode(ids[-THINK_TAIL:]))))
+        prompts.append(Prompt(ids, messages, truths, names, source, row_number, thinking))
     if too_long:
         log.info("data: dropped %d prompts longer than max_prompt_token_length=%d", too_long, max_prompt_token_length)
     if not prompts:

@@ -109,8 +109,7 @@ def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batc
     rewards, values = scores.rewards.tolist(), scores.verifier_scores.tolist()
     kept = [i for i in range(len(prompts)) if scored[i]]
     metrics = {
-        "eval/accuracy": _mean([correct[i] for i in kept]),
-        "eval/reward_mean": _mean([rewards[i] for i in kept]),
+        **({"eval/accuracy": _mean([correct[i] for i in kept]), "eval/reward_mean": _mean([rewards[i] for i in kept])} if kept else {}),
         "eval/response_length_mean": sum(lengths) / len(lengths),
         "eval/truncated_fraction": sum(r == "length" for r in reasons) / len(reasons),
         "eval/prompts": float(len(prompts)),
@@ -124,6 +123,8 @@ def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batc
     if len(by_verifier) > 1 or cfg.reward.apply_verifiable_reward:
         for name, rows in sorted(by_verifier.items()):
             rows = [i for i in rows if scored[i]]
+            if not rows:  # nothing scored: no number at all, never an accuracy of 0 (eval/unscored says how many)
+                continue
             metrics[f"eval/{name}/accuracy"] = _mean([correct[i] for i in rows])
             if set(name.split("+")) & set(RUBRIC_VERIFIERS):  # a rubric score is rarely a perfect 1: its mean says more
                 metrics[f"eval/{name}/score_mean"] = _mean([values[i] for i in rows])
@@ -137,8 +138,7 @@ def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batc
 
 
 def _mean(values: list[float]) -> float:
-    """The mean, 0 for no values (every row of a group unscored: eval/unscored says so)."""
-    return sum(values) / len(values) if values else 0.0
+    return sum(values) / len(values)
 
 
 def _question(prompt: Prompt) -> str:

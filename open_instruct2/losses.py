@@ -157,8 +157,8 @@ def aggregate(per_token: Tensor, response_mask: Tensor, norm: LossNorm, mode: st
 
 
 # ---------------------------------------------------------------- sampler mismatch
-# When another engine (a vLLM server) sampled the responses, its probabilities differ slightly from the
-# trainer's (kernels, precision, a merged LoRA). Truncated importance sampling weighs each policy-gradient
+# The sampler's probabilities differ slightly from the trainer's (a vLLM server, or HF generate from a merged or
+# packed copy or through a KV cache: kernels, precision, a merged LoRA). Truncated importance sampling weighs each policy-gradient
 # term by min(p_trainer / p_sampler, cap) of the sampled token ("token") or of the whole response
 # ("sequence": the product over its tokens, one weight for all of them). Log-ratios are clamped before the
 # exp, so min(exp(x), cap) = exp(min(x, log cap)) never overflows.

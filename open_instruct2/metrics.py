@@ -91,7 +91,7 @@ def print_eval_table(evals: list) -> None:
     if len(evals) < 2:
         return
     (first_step, first), (last_step, last) = evals[0], evals[-1]
-    names = [k for k in first if k in last and k not in ("eval/seconds", "eval/prompts")]
+    names = [k for k in first if k in last and k not in ("eval/seconds", "eval/prompts", "eval/judge_calls", "eval/judge_failures")]
     rows = [f"| {k[len('eval/'):]} | {first[k]:.3f} | {last[k]:.3f} | {last[k] - first[k]:+.3f} |" for k in names]
     print("\n".join([f"\nevaluation on {int(last['eval/prompts'])} held-out prompts (greedy):",
                      f"| metric | step {first_step} | step {last_step} | change |", "|---|---|---|---|", *rows]), flush=True)

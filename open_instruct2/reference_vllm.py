@@ -66,7 +66,7 @@ def reference_server(cfg: Config, model_path: str, log_path: str) -> VLLMServer:
 class VLLMReference:
     """Reference interface (reference.py) backed by a vLLM server."""
 
-    def __init__(self, client: VLLMClient, server: VLLMServer | None, temperature: float = 1.0):
+    def __init__(self, client: VLLMClient, server: VLLMServer | None, temperature: float):
         self.client, self.server = client, server
         self.temperature = temperature
         """The temperature of the served log-probs (the sampling temperature, or 1 for a plainly started endpoint)."""

@@ -226,8 +226,11 @@ class VLLMRollouts:
                 replies = list(pool.map(lambda p: self.client._request("POST", "/v1/completions", payload(p)), range(len(prompts))))
             choices = []
             for p, reply in enumerate(replies):  # each reply's indexes 0..n-1 become the batch's p * n + j
-                choices += [{**c, "index": p * num_samples + c["index"]} for c in (reply.get("choices") or [])
-                            if isinstance(c, dict) and isinstance(c.get("index"), int)]
+                own = [c for c in (reply.get("choices") or []) if isinstance(c, dict)] if isinstance(reply, dict) else []
+                if sorted(c.get("index") for c in own if isinstance(c.get("index"), int)) != list(range(num_samples)) or len(own) != num_samples:
+                    raise ServerFailure(f"the rollout server answered prompt {p} with {len(own)} choices (indexes "
+                                        f"{[c.get('index') for c in own][:8]}) for n = {num_samples}")
+                choices += [{**c, "index": p * num_samples + c["index"]} for c in own]
             return choices
 
         stats = {}
@@ -246,7 +249,8 @@ class VLLMRollouts:
         except (ServerFailure, UserError) as e:
             raise RolloutFailure(str(e)) from None
         except Exception as e:  # noqa: BLE001 - anything else in the sync or the requests: the trainer saves progress and stops
-            raise RolloutFailure(f"{type(e).__name__}: {e}") from None
+            log.debug("rollout: unexpected error", exc_info=True)  # --log_level DEBUG shows where
+            raise RolloutFailure(f"unexpected {type(e).__name__} ({e}; --log_level DEBUG shows where)") from None
         rollouts.stats = {**stats, "rollout/server_relaunches": float(self.server.relaunches if self.server else 0)}
         return rollouts
 

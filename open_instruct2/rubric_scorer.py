@@ -90,7 +90,7 @@ class RubricScorer:
         answered = [s for s in scores if s is not None]
         if answered:
             metrics["rubric/reward_mean"] = sum(answered) / len(answered)
-        warn_failures(calls["results"], metrics)
+        warn_failures(calls["results"], metrics, calls["retried"])
         return RubricScores(scores, metrics, records)
 
     def _entries(self, step: int, prompts: list[int], keys: list[str], statics: list[list[Rubric]], buffer: dict) -> tuple[dict, int]:
@@ -115,7 +115,7 @@ class RubricScorer:
         requests = [proposal_request(queries[p], responses[p * group : (p + 1) * group], scoring_items(entries[p]),
                                      self.judge.settings.max_context_length, rc.answer_length_limit_in_words) for p in prompts]
         skipped = 0
-        for p, result in zip(prompts, self.proposer.ask_all(requests)):
+        for p, result in zip(prompts, ask_with_retry(self.proposer, requests)[0]):
             if result.value is None:
                 skipped += 1
                 continue
@@ -168,23 +168,25 @@ class RubricScorer:
             weights = [1.0] if rc.use_likert_rubric else [r.weight for r in items[i]]
             scores[i] = None if None in values else weighted_score(values, weights)
         failures = sum(r.value is None for r in calls["results"])
-        warn_failures(calls["results"], {"rubric/judge_calls": float(len(calls["results"])), "rubric/judge_failures": float(failures)})
+        warn_failures(calls["results"], {"rubric/judge_calls": float(len(calls["results"])), "rubric/judge_failures": float(failures)},
+                      calls["retried"])
         return scores, {"calls": float(len(calls["results"])), "failures": float(failures)}
 
 
 def ask_with_retry(judge: Judge, requests: list) -> tuple[list[JudgeResult], int]:
-    """judge.ask_all, then every failed request once more (a hiccup of one call should not cost its item).
-    Returns (results in order, how many were asked again)."""
+    """judge.ask_all, then every failed request once more (a hiccup of one call should not cost its item), unless
+    none was answered (an outage: another round of timeouts changes nothing). Returns (results in order, how many
+    were asked again)."""
     results = judge.ask_all(requests)
     failed = [k for k, r in enumerate(results) if r.value is None]
-    if failed:
+    if failed and len(failed) < len(results):  # none answered: an outage, which a second round would only make longer
         for k, again in zip(failed, judge.ask_all([requests[k] for k in failed])):
             if again.value is not None:
                 results[k] = again
     return results, len(failed)
 
 
-def warn_failures(results: list[JudgeResult], metrics: dict[str, float]) -> None:
+def warn_failures(results: list[JudgeResult], metrics: dict[str, float], retried: int) -> None:
     """One warning line for a step with failed judge calls: how many, the rate, the first error."""
     first_error = next((r.error for r in results if r.error), None)
     if not first_error:
@@ -193,7 +195,8 @@ def warn_failures(results: list[JudgeResult], metrics: dict[str, float]) -> None
     rate = failures / calls if calls else 1.0
     high = (f"; over {FAILURE_RATE_WARNING:.0%} of the calls failed, so rubric rewards rest on fewer items and responses: "
             "check the judge server (--llm_judge_base_url, --llm_judge_timeout, --llm_judge_max_concurrency)") if rate > FAILURE_RATE_WARNING else ""
-    log.warning("rubric: %d of %d judge calls failed after a retry (%.0f%%); first: %s%s", failures, calls, 100 * rate, first_error, high)
+    again = f", {retried} of them asked again" if retried else ", none asked again (no call was answered)"
+    log.warning("rubric: %d of %d judge calls failed (%.0f%%%s); first: %s%s", failures, calls, 100 * rate, again, first_error, high)
 
 
 def _mean_std(values: list[float | None]) -> dict:

@@ -76,6 +76,7 @@ def capture(run, step: int) -> tuple[dict, dict]:
         "streaks": {"nonfinite": run.nonfinite_streak, "judge": run.judge_streak},
         "wandb_id": run.tracker.wandb_id,
         "runtime": runtime_key(run.runtime),
+        "kl_temperature": None if run.reference is None else run.reference.temperature,
         "master_shapes": [list(m.shape) for _, m in run.master.pairs],
         "flags": cfg.masked(),
         "train_mode": cfg.lora.train_mode,
@@ -88,6 +89,20 @@ def runtime_key(runtime) -> dict:
     return {"device": runtime.device.type, "dtype": str(runtime.dtype).removeprefix("torch.")}
 
 
+def config_runtime(folder: str) -> dict | None:
+    """A state saved before the runtime was recorded in it: the runtime of the run's saved config (the config of the
+    run that wrote the newest state)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(folder)), CONFIG_FILE)
+    try:
+        with open(path) as f:
+            described = json.load(f).get("runtime") or {}
+    except (OSError, ValueError):
+        return None
+    if "device" not in described or "dtype" not in described:
+        return None
+    return {"device": str(described["device"]).split(":")[0], "dtype": str(described["dtype"])}
+
+
 def read_meta(folder: str) -> dict:
     with open(os.path.join(folder, STATE_META)) as f:
         return json.load(f)
@@ -97,7 +112,7 @@ def check_resumable(folder: str, runtime, master) -> None:
     """Refuse, before anything is restored or written, a state saved on another device kind or dtype, or whose
     master weights do not fit this model (one line naming both sides and the fix)."""
     meta = read_meta(folder)
-    saved, here = meta.get("runtime"), runtime_key(runtime)
+    saved, here = meta.get("runtime") or config_runtime(folder), runtime_key(runtime)
     if saved is not None and saved != here:
         raise ConfigError(
             f"the state in {folder} was trained on {saved['device']} in {saved['dtype']}, but this run resolves to {here['device']} in "
@@ -109,6 +124,18 @@ def check_resumable(folder: str, runtime, master) -> None:
         masters = torch.load(os.path.join(folder, STATE_TENSORS), map_location="cpu", mmap=True, weights_only=False)["masters"]
         shapes = [list(t.shape) for t in masters]
     check_masters(folder, shapes, master)
+
+
+def check_kl_temperature(folder: str, temperature: float | None) -> None:
+    """Refuse continuing with the KL term at another temperature than the state was trained with (a reference
+    endpoint restarted with or without OPEN_INSTRUCT2_LOGPROB_TEMPERATURE)."""
+    saved = read_meta(folder).get("kl_temperature")
+    if saved is not None and temperature is not None and abs(saved - temperature) > 1e-9:
+        from .vllm_plugin import ENV
+
+        fix = f"start the endpoint with {ENV}={saved:g}" if saved != 1.0 else f"start the endpoint without {ENV}"
+        raise ConfigError(f"the state in {folder} was trained with the KL term at temperature {saved:g}, but the reference now serves "
+                          f"log-probs at temperature {temperature:g}; {fix} to resume (or start a new run with another --run_name)")
 
 
 def check_masters(folder: str, saved_shapes: list, master) -> None:

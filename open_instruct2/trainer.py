@@ -124,7 +124,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     with timer("update"):
         update = update_policy(run, rollouts, advantages, ref_logprobs, selected)
     advance_schedule(run.scheduler)
-    metrics = step_metrics(scores, rollouts, selected, group, update, timer.seconds, lr, cfg.optim.filter_zero_std_groups)
+    filtering = cfg.optim.filter_zero_std_groups and run.reference is None  # with a KL term nothing is filtered (select_rows)
+    metrics = step_metrics(scores, rollouts, selected, group, update, timer.seconds, lr, filtering)
     record_step(run, step, batch.prompts, rollouts, scores, advantages, selected, metrics)
     return metrics
 
@@ -151,9 +152,10 @@ def train(cfg: Config, stop: StopRequest | None = None) -> str:
                 raise UserError(f"the reference failed at step {step} ({e}); {save_progress(run, step - 1)}") from None
             except RolloutFailure as e:
                 raise UserError(f"the vLLM rollout server failed at step {step} ({e}); {save_progress(run, step - 1)}") from None
-            check_streaks(run, step, metrics)
+            count_streaks(run, metrics)
+            save_due(run, step)  # after the streaks are counted (the state holds them), before the evaluation (which may fail)
+            check_streaks(run, step)
             evaluate_if_due(run, step)
-            save_due(run, step)  # after the evaluation and the streaks: the state holds both
             if run.marking(step):
                 run.profiler.mark(f"step_{step}_end", "between steps")
             if stop.requested and step < run.derived.num_training_steps:
@@ -187,17 +189,23 @@ def save_due(run: Run, step: int, force_state: bool = False) -> str | None:
     return folder if state_due else None
 
 
-def check_streaks(run: Run, step: int, metrics: dict[str, float]) -> None:
-    """Stop (after saving) on max_nonfinite_updates steps in a row whose update was skipped for a non-finite
-    loss or gradient, or llm_judge_max_failed_steps steps in a row where every judge call failed."""
+def count_streaks(run: Run, metrics: dict[str, float]) -> None:
+    """Steps in a row whose update was skipped for a non-finite loss or gradient, and where every judge call failed."""
     run.nonfinite_streak = run.nonfinite_streak + 1 if metrics.get("train/nonfinite_updates", 0.0) > 0 else 0
     run.judge_streak = run.judge_streak + 1 if judge_failed_entirely(metrics) else 0
+
+
+def check_streaks(run: Run, step: int) -> None:
+    """Stop (after saving) on max_nonfinite_updates steps in a row whose update was skipped for a non-finite
+    loss or gradient, or llm_judge_max_failed_steps steps in a row where every judge call failed."""
     if run.nonfinite_streak >= run.cfg.optim.max_nonfinite_updates:
         problem = (f"{run.nonfinite_streak} steps in a row (up to step {step}) had a non-finite loss or gradient and made no update",
-                   "lower --learning_rate, check the rewards (rollouts with --save_rollouts true), or raise --max_nonfinite_updates")
+                   "check the rewards (rollouts with --save_rollouts true) and rerun to resume, raise --max_nonfinite_updates (it may change "
+                   "on resume), or start a new --run_name with a lower --learning_rate")
     elif run.judge_streak >= run.cfg.rubric.llm_judge_max_failed_steps:
         problem = (f"every LLM-judge call failed for {run.judge_streak} steps in a row (up to step {step})",
-                   "check the judge server and --llm_judge_base_url / --llm_judge_model (the warnings above name the first error)")
+                   "check the judge server and --llm_judge_base_url (the warnings above name the first error), then rerun the same command "
+                   "to resume (the judge's connection flags may change; another --llm_judge_model needs a new --run_name)")
     else:
         return
     saved = save_due(run, step, force_state=run.cfg.tracking.checkpoint_state_freq > 0) or checkpoint.newest_state(run.derived.run_dir)
@@ -420,6 +428,8 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
     reference = rollout_server = None
     try:
         reference = make_reference(cfg, runtime, policy, tokenizer, derived.run_dir)
+        if resume_from:  # the KL must stay at the temperature it was trained at (an endpoint may have been restarted plainly)
+            state.check_kl_temperature(resume_from, None if reference is None else reference.temperature)
         if cfg.rollout.rollout_backend == "vllm":
             rollout_server = make_vllm_rollouts(cfg, runtime, policy, tokenizer, derived.run_dir)
     except BaseException:

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. What is 12 + 30? The answer is 42."
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+POOL_SIZE = 64
+"""Connections a client keeps open (requests' default of 10 logs "pool is full" when more requests are in flight)."""
 
 
 class ServerFailure(Exception):
@@ -60,6 +62,10 @@ class VLLMClient:
         """Where the API key came from, for the message when the server rejects it."""
         self.model: str | None = None
         self.session = requests.Session()
+        # requests in flight at once (scoring chunks, one generation request per prompt): keep a connection for each
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
 
     def _request(self, method: str, path: str, payload: dict | None = None, retries: int | None = None, json_reply: bool = True) -> dict:
         retries = self.max_retries if retries is None else retries
@@ -329,15 +335,16 @@ def _last_lines(path: str, n: int = 3) -> str:
 
 
 def pick_served_model(models: list[dict], wanted: str | None, url: str, flag: str = "--reference_served_model_name") -> dict:
-    """The base model to use from a /v1/models list: `wanted`, or the only one. LoRA adapters loaded into the
-    server (entries with a `parent`, e.g. one a stopped run could not unload) are not base models and are ignored."""
+    """The model to use from a /v1/models list: `wanted` (any entry, an adapter included), or else the only base
+    model: LoRA adapters loaded into the server (entries with a `parent`, e.g. one a stopped run could not unload)
+    are not counted."""
     bases = [m for m in models if not m.get("parent")]
     names = [m["id"] for m in bases]
     if wanted is not None:
-        for m in bases:
+        for m in models:
             if m["id"] == wanted:
                 return m
-        raise UserError(f"{flag} {wanted!r} is not served by {url}; it serves {names}")
+        raise UserError(f"{flag} {wanted!r} is not served by {url}; it serves {[m['id'] for m in models]}")
     if len(bases) != 1:
         raise UserError(f"{url} serves {len(bases)} models {names}; choose one with {flag}")
     return bases[0]
@@ -384,10 +391,12 @@ def check_probe(client: VLLMClient, tokenizer, policy, runtime: Runtime, compare
         return values
 
     diff = float((served - policy_logprobs(temperature)).abs().mean())
+    if accept_temperature_1 and temperature != 1.0:  # which of the two it serves: the closer (a T near 1 can pass both tolerances)
+        at_1 = float((served - policy_logprobs(1.0)).abs().mean())
+        if at_1 < diff and at_1 <= tolerance:
+            return Probe(at_1, 1.0)
     if diff > tolerance and temperature != 1.0:
         at_1 = float((served - policy_logprobs(1.0)).abs().mean())
-        if at_1 < diff / 2 and accept_temperature_1 and at_1 <= tolerance:
-            return Probe(at_1, 1.0)
         if at_1 < diff / 2:
             from .vllm_plugin import ENV
 

@@ -52,6 +52,8 @@ def cases(tmp_path, tiny_model_dir):
         "no reward": (["--apply_verifiable_reward", "false"], "no reward is active"),
         "odd mixer": (["--dataset_mixer_list", data], "pairs"),
         "negative eval count": (["--num_evals", "-1"], "--num_evals must be >= 0"),
+        "served name of a launched rollout server": (["--rollout_backend", "vllm", "--rollout_vllm_served_model_name", "m"],
+                                                     "--rollout_vllm_served_model_name names the model of an endpoint"),
         # data
         "missing data file": (["--dataset_mixer_list", str(tmp_path / "nope.jsonl"), "1.0"], "not found"),
         "empty data file": (["--dataset_mixer_list", rows_file(tmp_path, "empty.jsonl", []), "1.0"], "empty.jsonl"),

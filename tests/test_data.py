@@ -112,6 +112,9 @@ def test_a_template_that_opens_think_marks_its_prompts(tmp_path, tokenizer):
     tok.chat_template = data.CHAT_TEMPLATES["chatml"].replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n\n</think>\n\n'")
     [closed] = data.build_prompts([path, "1.0"], ["train"], tok, 256)  # Qwen3 with thinking off: the block is closed
     assert not closed.thinking_open
+    literal = write_jsonl(tmp_path / "l.jsonl", [{**items[0], "messages": [{"role": "user", "content": "Explain the tag <think>"}]}])
+    [mentions] = data.build_prompts([literal, "1.0"], ["train"], tokenizer, 256)  # a message that ends in the tag: not the template's
+    assert not mentions.thinking_open
 
 
 def test_named_chat_template(tokenizer):

@@ -43,7 +43,8 @@ def run_and_rollouts(tmp_path, tiny_model_dir):
         batch = trainer.next_batch(run.prompts, run.sampler, cfg.rollout.num_unique_prompts_rollout)
         rollouts = generate_rollouts(
             run.policy, run.tokenizer, batch, num_samples=cfg.rollout.num_samples_per_prompt_rollout,
-            response_length=cfg.rollout.response_length, temperature=1.0, top_p=1.0, stop_strings=None, device=torch.device("cpu"),
+            response_length=cfg.rollout.response_length, temperature=cfg.rollout.temperature, top_p=1.0, stop_strings=None,
+            device=torch.device("cpu"),  # at the run's temperature: the sampler's log-probs are what the update's importance weights use
         )
         # Make response lengths differ so padding and trimming are exercised.
         for i, keep in enumerate([8, 3, 5, 1, 8, 6]):

@@ -61,7 +61,7 @@ def test_vllm_logprobs_match_in_process(vllm_server, builtin_policy, rollouts):
     from open_instruct2.reference import batched_logprobs
 
     rows = list(range(6))
-    served = rv.VLLMReference(client_for(vllm_server), None).logprobs(rollouts, rows)
+    served = rv.VLLMReference(client_for(vllm_server), None, TEMPERATURE).logprobs(rollouts, rows)
     local = batched_logprobs(builtin_policy, rollouts, rows, 6, TEMPERATURE)
     mask = rollouts.response_mask.bool()
     assert mask.sum() > 30
@@ -130,7 +130,7 @@ def test_bad_replies_are_clear_errors(vllm_server, rollouts):
     # through the real server behind a proxy: a reply without prompt_logprobs, then a refusal (HTTP 400)
     proxy = FaultProxy(vllm_server, faults=[("reply", {"choices": [{"index": 0, "text": "x"}]}), 400])
     try:
-        reference = rv.VLLMReference(client_for(proxy.url, retries=0), None)
+        reference = rv.VLLMReference(client_for(proxy.url, retries=0), None, TEMPERATURE)
         with pytest.raises(rv.ReferenceBadReply, match="no choices with an index and prompt_logprobs"):
             reference.logprobs(rollouts, [0, 1])
         with pytest.raises(rv.ReferenceBadReply, match="HTTP 400"):

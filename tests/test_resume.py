@@ -261,15 +261,21 @@ def test_a_state_is_never_resumed_at_another_precision(tmp_path, tiny_model_dir,
     with pytest.raises(UserError, match=rf"trained on cpu in {saved}, but this run resolves to cpu in {other}; resume it with --policy_dtype {saved}"):
         trainer.train(tiny_config(tmp_path, tiny_model_dir, run_name="r", **common))
     assert files_of(run_dir) == before  # nothing written, nothing lost
-    # a state from before the runtime was recorded: the master weights' count is checked before anything is restored
-    meta_path = run_dir / "checkpoints" / "step_2" / "training_state.json"
-    meta = json.loads(meta_path.read_text())
+    # a state from before the runtime was recorded in it: the run's saved config says what it ran on
+    meta_path, config_path = run_dir / "checkpoints" / "step_2" / "training_state.json", run_dir / checkpoint.CONFIG_FILE
+    meta, config = json.loads(meta_path.read_text()), json.loads(config_path.read_text())
     meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("runtime", "master_shapes")}))
+    before = files_of(run_dir)
+    with pytest.raises(UserError, match=rf"trained on cpu in {saved}, but this run resolves to cpu in {other}"):
+        trainer.train(tiny_config(tmp_path, tiny_model_dir, run_name="r", **common))
+    # and without that either: the master weights' count, read off the saved tensors, before anything is restored
+    config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "runtime"}))
     before = files_of(run_dir)
     with pytest.raises(UserError, match="fp32 master weights, but this run's policy needs"):
         trainer.train(tiny_config(tmp_path, tiny_model_dir, run_name="r", **common))
     assert files_of(run_dir) == before
     meta_path.write_text(json.dumps(meta))
+    config_path.write_text(json.dumps(config))
     done = trainer.train(tiny_config(tmp_path, tiny_model_dir, run_name="r", **{**common, "policy_dtype": saved}))
     assert [m["step"] for m in train_lines(done)] == [1, 2, 3]
     straight = trainer.train(tiny_config(tmp_path / "s", tiny_model_dir, run_name="r", **{**common, "policy_dtype": saved}))
@@ -296,7 +302,7 @@ def test_the_eval_table_and_the_failure_streaks_survive_a_resume(tmp_path, tiny_
     poisoned.add(2)
     stopped_after(tiny_config(tmp_path, tiny_model_dir, run_name="r", **common), 2)
     meta = json.loads((tmp_path / "out" / "r" / "checkpoints" / "step_2" / "training_state.json").read_text())
-    assert meta["streaks"] == {"nonfinite": 1, "judge": 0} and [s for s, _ in meta["evals"]] == [0, 2]
+    assert meta["streaks"] == {"nonfinite": 1, "judge": 0} and [s for s, _ in meta["evals"]] == [0]  # step 2's comes after its save
     step_of["n"], poisoned = 2, {3}  # the resumed run's first step (3) is non-finite too: 2 in a row
     with pytest.raises(UserError, match=r"2 steps in a row \(up to step 3\) had a non-finite loss"):
         trainer.train(tiny_config(tmp_path, tiny_model_dir, run_name="r", **common))
@@ -329,7 +335,11 @@ def test_a_crash_while_a_step_is_saved_again_keeps_it(tmp_path):
     (root / ".step_2.old" / "training_state.json").write_text("old")
     (root / ".step_2.tmp").mkdir()
     (root / ".step_2.tmp" / "training_state.json").write_text("new")
+    (root / ".step_2.tmp" / "training_state.pt").write_text("tensors")
     (root / ".step_3.tmp").mkdir()  # a save cut short before anything was moved: thrown away
+    from open_instruct2.config import check_run_dir_free
+
+    assert check_run_dir_free(str(tmp_path / "run"), resume=True)  # the rerun resumes from it (it said: no resumable state)
     checkpoint.remove_partial_saves(str(tmp_path / "run"))
     assert sorted(os.listdir(root)) == ["step_1", "step_2"] and (root / "step_2" / "training_state.json").read_text() == "new"
     (root / ".step_4.old").mkdir()  # only the old copy: it comes back
@@ -363,6 +373,17 @@ def test_the_final_model_and_the_config_are_written_beside_then_renamed(tmp_path
     AutoModelForCausalLM.from_pretrained(str(run_dir))
     checkpoint.save_config({"flags": {"a": 1}}, str(run_dir))
     assert json.loads((run_dir / checkpoint.CONFIG_FILE).read_text()) == {"flags": {"a": 1}}
+    real_dump = checkpoint.json.dump
+
+    def dump_half(obj, f, **k):  # a full disk half-way through the config: the rerun's flag check reads the old one whole
+        f.write('{"flags": {"a"')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.json, "dump", dump_half)
+    with pytest.raises(UserError, match=r"cannot write .*open_instruct2_config.json \(the disk is full\)"):
+        checkpoint.save_config({"flags": {"a": 2}}, str(run_dir))
+    monkeypatch.setattr(checkpoint.json, "dump", real_dump)
+    assert json.loads((run_dir / checkpoint.CONFIG_FILE).read_text()) == {"flags": {"a": 1}}
     assert not list(run_dir.glob("*.tmp"))
 
 
@@ -384,3 +405,17 @@ def test_connection_and_generation_flags_may_change_on_resume(tmp_path):
     check_same_flags(str(tmp_path), changed)  # nothing refused (the dtype is compared as resolved, in the state)
     with pytest.raises(ConfigError, match="--learning_rate is 0.1"):
         check_same_flags(str(tmp_path), {**changed, "learning_rate": 0.1})
+
+
+def test_the_kl_temperature_of_a_state_must_not_change_on_resume(tmp_path):
+    """A plugin endpoint (KL at the sampling temperature) restarted plainly (KL at 1) would change the objective
+    mid-run: the rerun is refused, naming how to start the endpoint."""
+    from open_instruct2.config import ConfigError
+    from open_instruct2.state import check_kl_temperature
+
+    (tmp_path / "training_state.json").write_text(json.dumps({"step": 2, "kl_temperature": 0.7}))
+    check_kl_temperature(str(tmp_path), 0.7)
+    check_kl_temperature(str(tmp_path), None)  # beta 0 now: no KL term to compare
+    with pytest.raises(ConfigError, match="KL term at temperature 0.7, but the reference now serves log-probs at temperature 1; "
+                                          "start the endpoint with OPEN_INSTRUCT2_LOGPROB_TEMPERATURE=0.7"):
+        check_kl_temperature(str(tmp_path), 1.0)

@@ -17,6 +17,7 @@ import torch
 from conftest import run_cli
 from open_instruct2 import rollout_vllm as rv
 from open_instruct2.config import default_config
+from open_instruct2.errors import UserError
 from open_instruct2.vllm_server import ServerFailure, VLLMClient
 from open_instruct2.runtime import resolve_runtime
 from test_reference_vllm import e2e_args, run_killing_the_server_after_step_1
@@ -82,6 +83,33 @@ def test_policy_weights_merge_lora_and_write_tied_weights_once(tiny_model_dir):
     for key, value in merged.items():
         torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6)
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], plain["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_an_unexpected_error_in_the_adapter_sync_is_a_rollout_failure(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    """The sync path, mid-run: a stopped run's adapter folders are cleared when the backend starts (its version
+    counter starts again at 1), and an error nobody planned for (a full disk while the adapter is saved) becomes a
+    RolloutFailure, which the trainer turns into one line after saving progress, not a traceback."""
+    import errno
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), LoraConfig(r=4, target_modules=["q_proj"]))
+    weights_dir = tmp_path / "rollout_weights"
+    (weights_dir / "v2").mkdir(parents=True)
+    (weights_dir / "v2" / "adapter_model.safetensors").write_text("a stopped run's")
+    cfg = default_config(train_mode="lora", rollout_backend="vllm", rollout_vllm_endpoint="http://127.0.0.1:9")
+    client = VLLMClient("http://127.0.0.1:9", None, 1, 0)
+    backend = rv.VLLMRollouts(cfg, policy, tokenizer, resolve_runtime(cfg.runtime), client, None, str(weights_dir), adapters=True)
+    assert os.listdir(weights_dir) == []
+    backend.weights_changed()
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(policy, "save_pretrained", full_disk)
+    with pytest.raises(rv.RolloutFailure, match="unexpected OSError.*No space left on device"):
+        backend.generate(batch_of(tokenizer, QUESTIONS[:1]), num_samples=2, seed=1)
 
 
 # ---------------------------------------------------------------- a real server
@@ -255,6 +283,9 @@ def test_ctrl_c_then_rerun_with_adapter_sync_and_the_endpoint_keeps_no_adapter(l
         from open_instruct2.vllm_server import pick_served_model
 
         assert pick_served_model(models, None, lora_endpoint)["id"] == "smollm2"
+        assert pick_served_model(models, "left-behind", lora_endpoint)["id"] == "left-behind"  # named, an adapter may be chosen
+        with pytest.raises(UserError, match="--rollout_vllm_served_model_name 'other' is not served"):
+            pick_served_model(models, "other", lora_endpoint, "--rollout_vllm_served_model_name")
     finally:
         client._request("POST", "/v1/unload_lora_adapter", {"lora_name": "left-behind"}, json_reply=False)
 

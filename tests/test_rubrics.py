@@ -407,3 +407,36 @@ def test_a_judge_that_never_answers_stops_the_run_after_k_steps_with_one_line(tm
     # the console says why no update was made: not "truncated and --mask_truncated_completions is on" (it is off)
     assert proc.stdout.count("no update: no response was left for the loss: 4 had no reward (the judge could not score them)") == 2
     assert "mask_truncated_completions" not in proc.stdout
+
+
+def test_evaluation_judges_rubric_rows_and_leaves_unscored_ones_out(tmp_path, builtin_model_dir):
+    """Evaluation scored rubric rows without the judge and averaged them in as 0 (accuracy 0). Now the run's judge
+    scores them on their own items; a row whose call still fails after the retry is unscored: counted, left out."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import REPO, tiny_config
+    from open_instruct2.data import build_prompts
+    from open_instruct2.evaluation import evaluate
+
+    tok = AutoTokenizer.from_pretrained(str(builtin_model_dir))  # a real model: its greedy answers are text to judge
+    tok.padding_side = "left"
+    prompts = build_prompts([str(REPO / "examples" / "rubric_questions.jsonl"), "3"], ["train"], tok, 256)
+    items = [R.rubric_inputs(p)[1] for p in prompts]
+    calls = sum(len(i) for i in items)
+    # the first row's first item fails, and fails again when asked once more; every other call says "fully"
+    server = ScriptedJudge([("status", 500)] + [("text", '{"score": 2}')] * (calls - 1) + [("status", 500)])
+    try:
+        cfg = tiny_config(tmp_path, builtin_model_dir, llm_judge_model="m", llm_judge_base_url=server.url, verification_reward=1.0,
+                          response_length=8)
+        model = AutoModelForCausalLM.from_pretrained(str(builtin_model_dir))
+        metrics, records = evaluate(model, tok, prompts, cfg, torch.device("cpu"), 8, rubrics=RubricScorer(cfg.rubric, judge_for(server.url)))
+    finally:
+        server.close()
+    assert len(server.requests) == calls + 1, (metrics, [r["response"] for r in records])
+    expected = [R.weighted_score([1.0] * len(i), [r.weight for r in i]) for i in items[1:]]  # rows 2 and 3, every item met
+    name = "+".join(prompts[0].verifiers)
+    assert metrics["eval/unscored"] == 1.0 and [r["scored"] for r in records] == [False, True, True]
+    assert metrics[f"eval/{name}/score_mean"] == pytest.approx(sum(expected) / 2)
+    assert metrics["eval/accuracy"] == pytest.approx(sum(e >= 1.0 for e in expected) / 2)
+    assert metrics["eval/reward_mean"] == pytest.approx(sum(expected) / 2) and metrics["eval/judge_failures"] == 1.0

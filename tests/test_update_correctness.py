@@ -192,15 +192,19 @@ def test_the_kl_term_stays_on_filtered_groups(built):
 
 
 def test_filtered_group_fraction_is_logged_only_when_filtering(built):
+    from open_instruct2.rewards import Scores
+
     run, rollouts = built()
-    scores = trainer.score(run, 1, rollouts, trainer.next_batch(run.prompts, run.sampler, 2).prompts)
-    sel = LossRows(list(range(6)), [])
+    # hand-made rewards: the first group has a signal, the second does not; one sample of the first is unscored
+    rewards = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 2.0])
+    scores = Scores(rewards=rewards, breakdown={"verifiable": rewards}, verifier_scores=rewards / 10, verifier_errors=0)
+    sel = LossRows(list(range(6)), [0, 1, 2])
     on = trainer.step_metrics(scores, rollouts, sel, 3, {}, {"rollout": 1.0}, 1e-3, filtering=True)
     off = trainer.step_metrics(scores, rollouts, sel, 3, {}, {"rollout": 1.0}, 1e-3, filtering=False)
     assert "rollout/filtered_group_fraction" in on and "rollout/filtered_group_fraction" not in off
-    groups = scores.rewards.view(-1, 3)
-    by_hand = float((groups.max(dim=1).values == groups.min(dim=1).values).float().mean())  # groups whose rewards are all equal
-    assert on["rollout/filtered_group_fraction"] == on["rollout/zero_std_group_fraction"] == by_hand
+    assert on["rollout/zero_std_group_fraction"] == 0.5 and on["rollout/filtered_group_fraction"] == 0.5  # one group of two
+    scores.valid = torch.tensor([True, False, False, True, True, True])  # the first group keeps one valid sample: no signal either
+    assert trainer.step_metrics(scores, rollouts, sel, 3, {}, {"rollout": 1.0}, 1e-3, filtering=True)["rollout/zero_std_group_fraction"] == 1.0
 
 
 def test_what_filtering_changes_with_several_mini_batches(built):
