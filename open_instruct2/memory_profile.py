@@ -125,8 +125,8 @@ class MemoryProfiler:
         for child in self.process.children(recursive=True):
             try:
                 rss = child.memory_info().rss
-                if child.pid not in self.names:
-                    self.names[child.pid] = sanitize(" ".join(child.cmdline()), self.secrets)[:300]
+                # read every time: a child caught between fork and exec still shows the trainer's command line
+                self.names[child.pid] = sanitize(" ".join(child.cmdline()), self.secrets)[:300]
                 children.append((rss, child.pid))
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
@@ -190,6 +190,7 @@ def summarize(samples: list[dict], top_sites: list[dict] | None = None) -> dict:
     for s in samples:
         for c in s["top_children"]:
             seen = children.setdefault(c["pid"], {"pid": c["pid"], "cmd": c["cmd"], "peak_rss_mb": 0.0, "phase": s["phase"]})
+            seen["cmd"] = c["cmd"]  # the latest: what the process became after exec
             if c["rss_mb"] > seen["peak_rss_mb"]:
                 seen.update(peak_rss_mb=c["rss_mb"], phase=s["phase"])
     phases: dict[str, dict] = {}

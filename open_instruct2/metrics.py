@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def step_metrics(scores: Scores, rollouts: Rollouts, selected: LossRows, group: int, update: dict, seconds: dict, lr: float,
-                 filtering: bool) -> dict[str, float]:
+                 filtering: bool, with_kl: bool = False) -> dict[str, float]:
+    """filtering: --filter_zero_std_groups; with a KL term (with_kl) no group is filtered (update.select_rows)."""
     n = len(rollouts.finish_reasons)
     lengths = rollouts.response_lengths.float()
     truncated = sum(r == "length" for r in rollouts.finish_reasons)
@@ -41,7 +42,7 @@ def step_metrics(scores: Scores, rollouts: Rollouts, selected: LossRows, group: 
         **(rollouts.stats or {}),
     }
     if filtering:
-        metrics["rollout/filtered_group_fraction"] = metrics["rollout/zero_std_group_fraction"]
+        metrics["rollout/filtered_group_fraction"] = 0.0 if with_kl else metrics["rollout/zero_std_group_fraction"]
     if selected.computed and seconds.get("update"):
         trained = int(rollouts.attention_mask[selected.computed].sum())
         metrics["train/tokens_per_second"] = trained / seconds["update"]

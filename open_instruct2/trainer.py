@@ -124,8 +124,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     with timer("update"):
         update = update_policy(run, rollouts, advantages, ref_logprobs, selected)
     advance_schedule(run.scheduler)
-    filtering = cfg.optim.filter_zero_std_groups and run.reference is None  # with a KL term nothing is filtered (select_rows)
-    metrics = step_metrics(scores, rollouts, selected, group, update, timer.seconds, lr, filtering)
+    metrics = step_metrics(scores, rollouts, selected, group, update, timer.seconds, lr, cfg.optim.filter_zero_std_groups,
+                           with_kl=run.reference is not None)
     record_step(run, step, batch.prompts, rollouts, scores, advantages, selected, metrics)
     return metrics
 

