@@ -52,7 +52,8 @@ class MemoryProfiler:
         self.start_time = time.perf_counter()
         self.phase = "setup"
         self.samples: list[dict] = []
-        self.names: dict[int, str] = {}  # pid -> sanitised command line, read once per child
+        self.names: dict[int, str] = {}  # pid -> sanitised command line, read once per child (after its exec)
+        self.own_name = sanitize(" ".join(self.process.cmdline()), secrets)[:300]
         self.folder: str | None = None
         self.lock = threading.Lock()
         self.stopped = threading.Event()
@@ -125,8 +126,10 @@ class MemoryProfiler:
         for child in self.process.children(recursive=True):
             try:
                 rss = child.memory_info().rss
-                # read every time: a child caught between fork and exec still shows the trainer's command line
-                self.names[child.pid] = sanitize(" ".join(child.cmdline()), self.secrets)[:300]
+                # a child caught between fork and exec shows the trainer's command line: read it again until it is its own
+                # (later names are not taken: vLLM renames its workers "VLLM::Worker", and a dying child has none)
+                if child.pid not in self.names or self.names[child.pid] == self.own_name:
+                    self.names[child.pid] = sanitize(" ".join(child.cmdline()), self.secrets)[:300]
                 children.append((rss, child.pid))
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
@@ -190,7 +193,8 @@ def summarize(samples: list[dict], top_sites: list[dict] | None = None) -> dict:
     for s in samples:
         for c in s["top_children"]:
             seen = children.setdefault(c["pid"], {"pid": c["pid"], "cmd": c["cmd"], "peak_rss_mb": 0.0, "phase": s["phase"]})
-            seen["cmd"] = c["cmd"]  # the latest: what the process became after exec
+            if seen["cmd"] != c["cmd"] and c["cmd"]:  # the name read after exec (sample() keeps it from then on)
+                seen["cmd"] = c["cmd"]
             if c["rss_mb"] > seen["peak_rss_mb"]:
                 seen.update(peak_rss_mb=c["rss_mb"], phase=s["phase"])
     phases: dict[str, dict] = {}

@@ -23,6 +23,7 @@ def test_adaptive_rubrics_with_a_real_judge(vllm_server, tmp_path, tiny_model_di
         "--response_length", "16", "--num_training_steps", "3", "--verification_reward", "1.0", "--output_dir", tmp_path / "out",
         "--run_name", "rub", "--llm_judge_base_url", f"{vllm_server}/v1", "--llm_judge_model", "smollm2",
         "--llm_judge_api_key_env", "OI2_JUDGE_KEY", "--llm_judge_max_tokens", "160", "--llm_judge_max_context_length", "700",
+        "--llm_judge_temperature", "0.7",  # the session server is plain (no plugin): 0.7 is what the judge sampled at before
         "--use_rubric_buffer", "true", "--apply_adaptive_rubric_reward", "true", "--save_adaptive_rubrics", "true",
         env={"OI2_JUDGE_KEY": API_KEY}, timeout=900,
     )
