@@ -1,15 +1,21 @@
 """Prompts: the dataset mixer, row validation, chat templates, prompt filtering, a resumable sampler.
 
-Rows follow open-instruct's RLVR format: `messages` (a chat list; a trailing assistant turn is dropped from
-the prompt), `ground_truth` (a string, or a list for rows with several verifiers), `dataset` (the verifier
-name, or a list of them). Sources are hub datasets (`datasets.load_dataset`), local .jsonl / .json /
-.parquet files (the split is ignored: a file is one split), or `builtin:<name>`.
+Row formats, detected per source from its first row's columns (said once at start-up; every row must fit it):
+- RLVR (open-instruct's): `messages` (a chat list; a trailing assistant turn is dropped from the prompt),
+  `ground_truth` (a string, or a list for rows with several verifiers), `dataset` (the verifier name, or a list).
+- TRL standard: `prompt` is a string (it becomes the user turn); TRL conversational: `prompt` is a list of messages.
+  Any further columns (`solution`, `answer`, an id, ...) go to the reward functions; a verifier scores such a row
+  with --verifier NAME and its ground truth from --ground_truth_column (default `ground_truth`).
+Every column but the prompt's is carried to the reward functions (`Prompt.columns`).
+Sources are hub datasets (`datasets.load_dataset`; `name:config` for a named configuration), local .jsonl / .json /
+.parquet / .csv files (the split is ignored: a file is one split), a folder written by `datasets`' `save_to_disk`,
+or `builtin:<name>`.
 """
 
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,6 +27,7 @@ from .verifiers import opens_thinking
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 # Named chat templates for tokenizers without one (or to override it): --chat_template_name.
@@ -56,6 +63,10 @@ class Prompt:
     thinking_open: bool = False
     """The chat template's generation prompt opened a <think> block it did not close (the response starts inside
     the reasoning; verifiers.final_answer)."""
+    columns: dict = field(default_factory=dict)
+    """The row's other columns (all but `messages` / `prompt`), as in the file: passed to the reward functions."""
+    text_prompt: str | None = None
+    """A TRL standard row's prompt string (its completions are then strings too); None for chat rows."""
 
 
 @dataclass
@@ -92,6 +103,10 @@ def _read_local(path: str) -> list[dict]:
             if not isinstance(data, list):
                 raise DataError(f"{path}: a .json dataset must hold a list of rows, found {type(data).__name__}")
             return data
+        if path.endswith(".csv"):
+            import pyarrow.csv as pcsv
+
+            return pcsv.read_csv(path).to_pylist()
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
@@ -99,11 +114,27 @@ def _read_local(path: str) -> list[dict]:
         raise DataError(f"{path}: cannot read ({e}); check the file") from None
 
 
-def _read_hub(name: str, split: str) -> list[dict]:
+def _read_saved(path: str, split: str) -> list[dict]:
+    """A folder written by `datasets`' save_to_disk: a Dataset, or a DatasetDict (then the split is taken)."""
     import datasets
 
     try:
-        return datasets.load_dataset(name, split=split).to_list()
+        saved = datasets.load_from_disk(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"{path}: a folder source must be one written by datasets' save_to_disk ({str(e).splitlines()[0][:200]})") from None
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise DataError(f"{path} has splits {', '.join(saved)}, not {split!r}; choose one with --dataset_mixer_list_splits")
+        saved = saved[split]
+    return saved.to_list()
+
+
+def _read_hub(name: str, split: str) -> list[dict]:
+    import datasets
+
+    name, _, config = name.partition(":")
+    try:
+        return datasets.load_dataset(name, config or None, split=split).to_list()
     except Exception as e:  # network, unknown name, unknown split: all are the user's to fix
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(
@@ -114,8 +145,10 @@ def _read_hub(name: str, split: str) -> list[dict]:
 def load_rows(source: str, split: str) -> list[dict]:
     if is_builtin(source):
         return load_builtin_dataset(source, split)
-    if source.endswith((".jsonl", ".json", ".parquet")):
+    if source.endswith(LOCAL_SUFFIXES):
         return _read_local(source)
+    if os.path.isdir(source):
+        return _read_saved(source, split)
     return _read_hub(source, split)
 
 
@@ -176,6 +209,75 @@ def validate_row(row: dict, where: str) -> tuple[list[dict], list[str], list[str
     return messages, truths, names
 
 
+FORMATS = {"rlvr": "RLVR rows (messages, ground_truth, dataset)", "standard": "TRL standard prompts (prompt is a string)",
+           "conversational": "TRL conversational prompts (prompt is a list of messages)"}
+
+
+def detect_format(row, where: str, prompt_column: str = "prompt") -> str:
+    """A row's format from its columns (module docstring); DataError for a row that fits none."""
+    if not isinstance(row, dict) or "messages" in row or (prompt_column not in row and {"ground_truth", "dataset"} & set(row)):
+        return "rlvr"  # validate_row says what such a row lacks
+    if isinstance(row.get(prompt_column), str):
+        return "standard"
+    if isinstance(row.get(prompt_column), list):
+        return "conversational"
+    columns = ", ".join(map(str, row))
+    raise DataError(f"{where}: fits no dataset format (found {columns}); a row needs messages, ground_truth and dataset (RLVR), "
+                    f"or a {prompt_column!r} column holding a string or a list of messages (TRL; --prompt_column names another)")
+
+
+def _check_messages(messages, where: str, column: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: {column!r} must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: {column}[{i}] must be {{'role': one of {'/'.join(ROLES)}, 'content': a string}}, got {str(m)[:80]}")
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not any(m["role"] == "user" for m in messages):
+        raise DataError(f"{where}: {column!r} has no user turn")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+@dataclass
+class RowSettings:
+    """How TRL-format rows get a verifier (--verifier, --ground_truth_column); RLVR rows name their own."""
+
+    verifier: str | None = None
+    ground_truth_column: str | None = None
+    prompt_column: str = "prompt"
+    """The column holding a TRL row's prompt (--prompt_column)."""
+
+
+def row_settings(cfg) -> RowSettings:
+    return RowSettings(cfg.reward.verifier, cfg.reward.ground_truth_column, cfg.data.prompt_column)
+
+
+def parse_row(row, where: str, fmt: str, settings: RowSettings) -> tuple[list[dict], list[str], list[str], dict, str | None]:
+    """(messages, ground truths, verifier names, the other columns, the prompt string of a standard row)."""
+    key = settings.prompt_column
+    found = detect_format(row, where, key)
+    if found != fmt:
+        raise DataError(f"{where}: is a row of {FORMATS[found]}, but its source's first row is one of {FORMATS[fmt]}; one format per source")
+    if fmt == "rlvr":
+        messages, truths, names = validate_row(row, where)
+        return messages, truths, names, {k: v for k, v in row.items() if k != "messages"}, None
+    text = row[key] if fmt == "standard" else None
+    if text is not None and not text.strip():
+        raise DataError(f"{where}: {key!r} is empty")
+    messages = [{"role": "user", "content": text}] if text is not None else _check_messages(row[key], where, key)
+    columns = {k: v for k, v in row.items() if k != key}
+    if settings.verifier is None:
+        return messages, [], [], columns, text
+    column = settings.ground_truth_column or "ground_truth"
+    if row.get(column) is None:
+        raise DataError(f"{where}: no {column!r} column for --verifier {settings.verifier} (columns: {', '.join(columns)}); "
+                        "name the ground-truth column with --ground_truth_column")
+    truth = row[column]
+    truths = [str(t) for t in truth] if isinstance(truth, list) else [str(truth)]
+    return messages, truths, [settings.verifier], columns, text  # several ground truths: any of them is accepted
+
+
 # ---------------------------------------------------------------- tokenisation
 
 
@@ -234,19 +336,26 @@ def build_prompts(
     add_bos: bool = False,
     flag: str = "dataset_mixer_list",
     template_kwargs: dict | None = None,
+    settings: RowSettings | None = None,
 ) -> list[Prompt]:
     """Load, validate and tokenise the mix; drop prompts over the length limit (counted in the log)."""
-    prompts, too_long = [], 0
+    prompts, too_long, formats = [], 0, {}
     thinking = generation_prompt_opens_thinking(tokenizer, template_kwargs)
     for source, row_number, row in mix(mixer_list, splits, flag):
-        messages, truths, names = validate_row(row, f"{source} row {row_number}")
+        where = f"{source} row {row_number}"
+        settings = settings or RowSettings()
+        if source not in formats:
+            formats[source] = detect_format(row, where, settings.prompt_column)
+            extra = sorted(set(row) - {"messages", settings.prompt_column}) if isinstance(row, dict) else []
+            log.info("data: %s: %s; columns for the reward functions: %s", source, FORMATS[formats[source]], ", ".join(extra) or "none")
+        messages, truths, names, columns, text = parse_row(row, where, formats[source], settings)
         if system_prompt is not None:
             messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
         ids = tokenize_prompt(tokenizer, messages, add_bos, template_kwargs)
         if len(ids) > max_prompt_token_length:
             too_long += 1
             continue
-        prompts.append(Prompt(ids, messages, truths, names, source, row_number, thinking))
+        prompts.append(Prompt(ids, messages, truths, names, source, row_number, thinking, columns, text))
     if too_long:
         log.info("data: dropped %d prompts longer than max_prompt_token_length=%d", too_long, max_prompt_token_length)
     if not prompts:

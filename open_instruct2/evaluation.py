@@ -18,6 +18,7 @@
 
 import json
 import logging
+import math
 import os
 import random
 from collections import defaultdict
@@ -25,7 +26,7 @@ from collections import defaultdict
 import torch
 
 from .config import STEPS_PER_DEFAULT_EVAL, Config, derive, eval_max_samples
-from .data import Prompt, PromptBatch, build_prompts
+from .data import Prompt, PromptBatch, build_prompts, row_settings
 from .rewards import compute_scores
 from .rollout import generate_rollouts
 from .rubrics import RUBRIC_VERIFIERS, rubric_inputs
@@ -55,7 +56,7 @@ def eval_mixer(cfg: Config) -> tuple[list[str], list[str]]:
 def load_eval_prompts(cfg: Config, tokenizer, system_prompt: str | None, template_kwargs: dict, device_type: str = "cpu") -> list[Prompt]:
     """The held-out prompts (at most eval_max_samples: the flag, or its default for this device), or [] when
     there is no eval set or no evaluation is due (num_evals resolved to 0: logged, with how to turn it on)."""
-    mixer, splits = eval_mixer(cfg)
+    mixer, _ = eval_mixer(cfg)
     if not mixer:
         return []
     derived = derive(cfg)
@@ -64,77 +65,144 @@ def load_eval_prompts(cfg: Config, tokenizer, system_prompt: str | None, templat
             log.info("evaluation: off for a %d-step run (by default at most one evaluation per %d steps); --num_evals N evaluates anyway",
                      derived.num_training_steps, STEPS_PER_DEFAULT_EVAL)
         return []
+    prompts = held_out_prompts(cfg, tokenizer, system_prompt, template_kwargs, device_type)
+    steps = sorted(eval_schedule(derived.num_training_steps, derived.num_evals))
+    log.info("evaluation: %d held-out prompts, %s, up to %d tokens each, at steps %s (%d evaluations; --num_evals 0 turns it off, "
+             "--eval_max_samples sets the size)", len(prompts), describe_sampling(cfg), cfg.rollout.response_length,
+             ", ".join(map(str, steps)), len(steps))
+    return prompts
+
+
+def held_out_prompts(cfg: Config, tokenizer, system_prompt: str | None, template_kwargs: dict, device_type: str) -> list[Prompt]:
+    """The evaluation set (eval_mixer), shuffled with the run's seed when asked, cut to eval_max_samples."""
+    mixer, splits = eval_mixer(cfg)
     prompts = build_prompts(mixer, splits, tokenizer, cfg.data.max_prompt_token_length, system_prompt=system_prompt,
-                            add_bos=cfg.model.add_bos, flag="dataset_mixer_eval_list", template_kwargs=template_kwargs)
+                            add_bos=cfg.model.add_bos, flag="dataset_mixer_eval_list", template_kwargs=template_kwargs,
+                            settings=row_settings(cfg))
     if cfg.data.shuffle_eval_dataset:
         random.Random(cfg.experiment.seed).shuffle(prompts)
-    prompts = prompts[: eval_max_samples(cfg, device_type)]
-    steps = sorted(eval_schedule(derived.num_training_steps, derived.num_evals))
-    log.info("evaluation: %d held-out prompts, greedy, up to %d tokens each, at steps %s (%d evaluations; --num_evals 0 turns it off, "
-             "--eval_max_samples sets the size)", len(prompts), cfg.rollout.response_length, ", ".join(map(str, steps)), len(steps))
-    return prompts
+    return prompts[: eval_max_samples(cfg, device_type)]
+
+
+def describe_sampling(cfg: Config) -> str:
+    k = cfg.tracking.eval_num_samples
+    return "greedy" if k == 1 else f"{k} answers each at temperature {cfg.tracking.eval_temperature or cfg.rollout.temperature:g}"
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of n samples with c successes: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def pass_ks(n: int) -> list[int]:
+    """1, 2, 4, ... up to n, and n itself."""
+    ks = [2**i for i in range(n.bit_length()) if 2**i <= n]
+    return ks + ([n] if ks[-1] != n else [])
+
+
+def generate_answers(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batch_size: int, static_width: int | None,
+                     step: int) -> tuple[list[str], list[str], list[int], list[list[int]]]:
+    """k = --eval_num_samples answers per prompt (prompt-major): greedy for k = 1, else sampled at --eval_temperature (or
+    the training temperature) from an RNG of its own (seed + step), so an evaluation never moves the training's."""
+    k = cfg.tracking.eval_num_samples
+    temperature = cfg.tracking.eval_temperature or cfg.rollout.temperature
+    texts, reasons, lengths, ids = [], [], [], []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.experiment.seed * 1_000_003 + step)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            n = len(chunk) * k
+            if static_width is not None and start > 0:
+                chunk = chunk + [chunk[0]] * (batch_size - len(chunk))
+            r = generate_rollouts(policy, tokenizer, PromptBatch(chunk, list(range(len(chunk)))), num_samples=k,
+                                  response_length=cfg.rollout.response_length, temperature=1.0 if k == 1 else temperature,
+                                  top_p=1.0 if k == 1 else cfg.rollout.top_p, stop_strings=cfg.rollout.stop_strings, device=device,
+                                  greedy=k == 1, static_width=static_width)
+            texts += r.response_texts[:n]
+            reasons += r.finish_reasons[:n]
+            lengths += r.response_lengths[:n].tolist()
+            ids += r.response_token_ids()[:n]
+    return texts, reasons, lengths, ids
 
 
 @torch.no_grad()
 def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batch_size: int,
-             static_width: int | None = None, rubrics=None) -> tuple[dict[str, float], list[dict]]:
-    """Greedy answers to every prompt; returns (eval/ metrics, one record per prompt). With a static cache the
+             static_width: int | None = None, rubrics=None, reward_funcs=None, step: int = 0) -> tuple[dict[str, float], list[dict]]:
+    """k answers to every prompt (generate_answers); returns (eval/ metrics, one record per answer). With a static cache the
     last chunk is filled up to batch_size with repeats of its first prompt (answers dropped): one batch shape,
     one compile. Rubric rows are scored by `rubrics` (the run's RubricScorer: its judge, on each row's own items;
-    rubric_scorer.RubricScorer.score_each); a row it could not score is left out of every mean and counted in
-    eval/unscored, never averaged in as 0."""
-    texts, reasons, lengths = [], [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        n = len(chunk)
-        if static_width is not None and start > 0:
-            chunk = chunk + [chunk[0]] * (batch_size - n)
-        r = generate_rollouts(policy, tokenizer, PromptBatch(chunk, list(range(len(chunk)))), num_samples=1,
-                              response_length=cfg.rollout.response_length, temperature=1.0, top_p=1.0,
-                              stop_strings=cfg.rollout.stop_strings, device=device, greedy=True, static_width=static_width)
-        texts += r.response_texts[:n]
-        reasons += r.finish_reasons[:n]
-        lengths += r.response_lengths[:n].tolist()
-    thinking = [p.thinking_open for p in prompts]
+    rubric_scorer.RubricScorer.score_each); an answer it could not score is left out of every mean and counted in
+    eval/unscored, never averaged in as 0. Success: verifier score 1 on a row with a verifier, else a reward of at
+    least --eval_success_threshold (reward functions)."""
+    k = cfg.tracking.eval_num_samples
+    texts, reasons, lengths, ids = generate_answers(policy, tokenizer, prompts, cfg, device, batch_size, static_width, step)
+    samples = [p for p in prompts for _ in range(k)]
+    thinking = [p.thinking_open for p in samples]
     rubric_scores, rubric_metrics = None, {}
     if rubrics is not None and any(set(p.verifiers) & set(RUBRIC_VERIFIERS) for p in prompts):
-        parsed = [rubric_inputs(p) for p in prompts]
+        parsed = [rubric_inputs(p) for p in samples]
         answers = [final_answer(t, o) for t, o in zip(texts, thinking)]
         rubric_scores, calls = rubrics.score_each([q for q, _ in parsed], [items for _, items in parsed], answers)
         rubric_metrics = {"eval/judge_calls": calls["calls"], "eval/judge_failures": calls["failures"]}
-    scores = compute_scores(texts, reasons, [p.verifiers for p in prompts], [p.ground_truth for p in prompts], cfg.reward,
+    scores = compute_scores(texts, reasons, [p.verifiers for p in samples], [p.ground_truth for p in samples], cfg.reward,
                             rubric_scores, thinking)
-    scored = [True] * len(prompts) if scores.valid is None else scores.valid.tolist()
-    correct = (scores.verifier_scores >= 1.0).float().tolist()
-    rewards, values = scores.rewards.tolist(), scores.verifier_scores.tolist()
-    kept = [i for i in range(len(prompts)) if scored[i]]
+    scores.rubric_scores = rubric_scores
+    if reward_funcs is not None:
+        group_index = [i // k for i in range(len(samples))]
+        scores = reward_funcs.score(reward_funcs.inputs(step, samples, texts, ids, reasons, group_index, scores), scores)
+    scored = [True] * len(samples) if scores.valid is None else scores.valid.tolist()
+    rewards = scores.rewards.tolist()
+    values = scores.verifier_scores.tolist() if scores.verifier_scores is not None else [None] * len(samples)
+    threshold = cfg.tracking.eval_success_threshold
+    correct = [float(values[i] >= 1.0 if p.verifiers and values[i] is not None else rewards[i] >= threshold) for i, p in enumerate(samples)]
+    kept = [i for i in range(len(samples)) if scored[i]]
     metrics = {
         **({"eval/accuracy": _mean([correct[i] for i in kept]), "eval/reward_mean": _mean([rewards[i] for i in kept])} if kept else {}),
         "eval/response_length_mean": sum(lengths) / len(lengths),
         "eval/truncated_fraction": sum(r == "length" for r in reasons) / len(reasons),
         "eval/prompts": float(len(prompts)),
         **rubric_metrics,
+        **{f"eval/{name[len('reward/'):]}": v for name, v in (scores.metrics or {}).items() if name.endswith("/mean") and name.startswith("reward/")},
     }
-    if len(kept) < len(prompts):
-        metrics["eval/unscored"] = float(len(prompts) - len(kept))
+    if k > 1:
+        metrics["eval/samples_per_prompt"] = float(k)
+        metrics.update(pass_metrics(correct, scored, k))
+    if len(kept) < len(samples):
+        metrics["eval/unscored"] = float(len(samples) - len(kept))
     by_verifier = defaultdict(list)
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(samples):
         by_verifier["+".join(p.verifiers)].append(i)
-    if len(by_verifier) > 1 or cfg.reward.apply_verifiable_reward:
+    if len(by_verifier) > 1 or (cfg.reward.apply_verifiable_reward and "" not in by_verifier):
         for name, rows in sorted(by_verifier.items()):
             rows = [i for i in rows if scored[i]]
-            if not rows:  # nothing scored: no number at all, never an accuracy of 0 (eval/unscored says how many)
+            if not rows or not name:  # nothing scored: no number at all, never an accuracy of 0 (eval/unscored says how many)
                 continue
             metrics[f"eval/{name}/accuracy"] = _mean([correct[i] for i in rows])
             if set(name.split("+")) & set(RUBRIC_VERIFIERS):  # a rubric score is rarely a perfect 1: its mean says more
                 metrics[f"eval/{name}/score_mean"] = _mean([values[i] for i in rows])
     records = [
-        {"prompt": _question(p), "response": t, "ground_truth": p.ground_truth, "verifiers": p.verifiers,
-         "reward": rewards[i], "verifier_score": values[i], "scored": scored[i], "finish_reason": reasons[i],
-         "length": lengths[i], "source": f"{p.source} row {p.row}"}
-        for i, (p, t) in enumerate(zip(prompts, texts))
+        {"prompt": _question(p), **({"sample": i % k} if k > 1 else {}), "response": t, "ground_truth": p.ground_truth,
+         "verifiers": p.verifiers, "reward": rewards[i], "verifier_score": values[i], "success": bool(correct[i]), "scored": scored[i],
+         "finish_reason": reasons[i], "length": lengths[i], "source": f"{p.source} row {p.row}"}
+        for i, (p, t) in enumerate(zip(samples, texts))
     ]
     return metrics, records
+
+
+def pass_metrics(correct: list[float], scored: list[bool], k: int) -> dict[str, float]:
+    """eval/pass@j for j in pass_ks(k) (over the prompts with at least j scored answers) and eval/mean@k (mean success)."""
+    out, per_prompt = {}, []
+    for start in range(0, len(correct), k):
+        rows = [i for i in range(start, start + k) if scored[i]]
+        per_prompt.append((len(rows), int(sum(correct[i] for i in rows))))
+    for j in pass_ks(k):
+        values = [pass_at_k(n, c, j) for n, c in per_prompt if n >= j]
+        if values:
+            out[f"eval/pass@{j}"] = _mean(values)
+    answered = [correct[i] for i in range(len(correct)) if scored[i]]
+    if answered:
+        out[f"eval/mean@{k}"] = _mean(answered)
+    return out
 
 
 def _mean(values: list[float]) -> float:

@@ -24,8 +24,9 @@ def step_metrics(scores: Scores, rollouts: Rollouts, selected: LossRows, group: 
     metrics = {
         "reward/mean": float(rewarded.mean()) if len(rewarded) else 0.0,
         "reward/std": float(rewarded.std(unbiased=False)) if len(rewarded) else 0.0,
-        "reward/verifier_accuracy": float((scores.verifier_scores >= 1.0).float().mean()),
-        "reward/verifier_errors": float(scores.verifier_errors),
+        **({} if scores.verifier_scores is None else {  # None: only reward functions scored the batch
+            "reward/verifier_accuracy": float((scores.verifier_scores >= 1.0).float().mean()),
+            "reward/verifier_errors": float(scores.verifier_errors)}),
         **{f"reward/{k}": float(v.float().mean()) for k, v in scores.breakdown.items()},
         "rollout/response_length_mean": float(lengths.mean()),
         "rollout/response_length_max": float(lengths.max()),
@@ -92,7 +93,10 @@ def print_eval_table(evals: list) -> None:
     if len(evals) < 2:
         return
     (first_step, first), (last_step, last) = evals[0], evals[-1]
-    names = [k for k in first if k in last and k not in ("eval/seconds", "eval/prompts", "eval/judge_calls", "eval/judge_failures")]
+    names = [k for k in first if k in last and k not in ("eval/seconds", "eval/prompts", "eval/judge_calls", "eval/judge_failures",
+                                                         "eval/samples_per_prompt")]
     rows = [f"| {k[len('eval/'):]} | {first[k]:.3f} | {last[k]:.3f} | {last[k] - first[k]:+.3f} |" for k in names]
-    print("\n".join([f"\nevaluation on {int(last['eval/prompts'])} held-out prompts (greedy):",
+    k = int(last.get("eval/samples_per_prompt", 1))
+    how = "greedy" if k == 1 else f"{k} sampled answers each; accuracy = pass@1"
+    print("\n".join([f"\nevaluation on {int(last['eval/prompts'])} held-out prompts ({how}):",
                      f"| metric | step {first_step} | step {last_step} | change |", "|---|---|---|---|", *rows]), flush=True)

@@ -37,15 +37,19 @@ class Scores:
     """(N,) the reward GRPO optimises."""
     breakdown: dict[str, torch.Tensor]
     """name -> (N,) each component, logged as reward/<name>."""
-    verifier_scores: torch.Tensor
-    """(N,) raw verifier score in [0, 1] (1 = correct)."""
+    verifier_scores: torch.Tensor | None
+    """(N,) raw verifier score in [0, 1] (1 = correct); None when no verifier scored the batch (only reward functions)."""
     verifier_errors: int
     """Samples whose verifier raised."""
     valid: torch.Tensor | None = None
     """(N,) bool, False for a sample with no reward this step (a rubric row the judge answered nothing for):
     it is left out of its group's advantages and of the loss. None: all valid."""
     metrics: dict[str, float] | None = None
-    """Extra metrics of the step's scoring (rubric/...)."""
+    """Extra metrics of the step's scoring (rubric/..., reward/<function>/...)."""
+    rubric_scores: list[float | None] | None = None
+    """(N,) the judge's rubric score per sample (None: not a rubric row, or unanswered); None without a judge."""
+    function_values: dict[str, list[float | None]] | None = None
+    """--reward_funcs: name -> (N,) what each function returned (None: not applicable, or its call failed)."""
 
 
 def format_score(text: str) -> float:
@@ -88,6 +92,9 @@ def compute_scores(
     valid = torch.ones(n, dtype=torch.bool)
     if cfg.apply_verifiable_reward:
         for i in range(n):
+            if not verifiers[i]:  # a TRL-format row without --verifier: nothing to verify (the reward functions score it)
+                valid[i] = False
+                continue
             try:
                 value = verify(texts[i], verifiers[i], ground_truths[i], None if rubric_scores is None else rubric_scores[i],
                                bool(thinking_open and thinking_open[i]))

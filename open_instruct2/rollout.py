@@ -57,6 +57,11 @@ class Rollouts:
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(dim=1)  # (N,)
 
+    def response_token_ids(self) -> list[list[int]]:
+        """Each sample's response tokens, without padding (the reward functions' completion_ids)."""
+        ids = self.input_ids[:, self.prompt_width :].tolist()
+        return [row[:n] for row, n in zip(ids, self.response_lengths.tolist())]
+
     def rows(self, index: list[int]) -> "RowSlice":
         """The given samples, with the columns that are padding in all of them trimmed away."""
         index_t = torch.as_tensor(index, device=self.input_ids.device)

@@ -21,7 +21,7 @@ import torch
 
 from . import checkpoint, verifiers
 from .config import Config, Derived, chat_template_kwargs, check_run_dir_free, derive, judge_wanted
-from .data import Prompt, PromptBatch, PromptSampler, build_prompts, next_batch, read_system_prompt, set_chat_template
+from .data import Prompt, PromptBatch, PromptSampler, build_prompts, next_batch, read_system_prompt, row_settings, set_chat_template
 from .losses import compute_advantages
 from .policy import MasterWeights, load_policy, load_tokenizer, optimizer_groups, trainable_parameters
 from .reference import Reference, make_reference
@@ -32,6 +32,7 @@ from .evaluation import eval_schedule, evaluate, load_eval_prompts, write_eval_r
 from .generation_model import GenerationModel, make_generation_model
 from .memory_profile import MemoryProfiler
 from .reference_vllm import ReferenceFailure
+from .reward_funcs import RewardFunctions, load_reward_funcs
 from .rewards import Scores, compute_scores
 from .rubric_scorer import RubricScorer, score_batch
 from .rubrics import RUBRIC_VERIFIERS, append_records, judge_failed_entirely, make_judges, rubric_inputs
@@ -79,6 +80,8 @@ class Run:
     """Steps in a row whose update was skipped for a non-finite loss or gradient."""
     rubrics: RubricScorer | None = None
     """The LLM-judge rubric scorer, when a judge is configured."""
+    reward_funcs: RewardFunctions | None = None
+    """--reward_funcs: the reward is their weighted sum (reward_funcs/); None: today's verifiable reward."""
     judge_streak: int = 0
     """Steps in a row where every judge call failed."""
     evals: list = field(default_factory=list)
@@ -243,7 +246,7 @@ def evaluate_if_due(run: Run, step: int) -> None:
     batch_size = max(cfg.optim.inference_batch_size, cfg.rollout.num_unique_prompts_rollout * cfg.rollout.num_samples_per_prompt_rollout)
     start = time.perf_counter()
     metrics, records = evaluate(run.generation.model(), run.tokenizer, run.eval_prompts, cfg, run.runtime.device, batch_size,
-                                static_width=run.generation.static_width, rubrics=run.rubrics)
+                                static_width=run.generation.static_width, rubrics=run.rubrics, reward_funcs=run.reward_funcs, step=step)
     metrics["eval/seconds"] = time.perf_counter() - start
     run.tracker.log_eval(step, metrics)
     run.evals.append((step, metrics))
@@ -310,7 +313,19 @@ def generate(run: Run, batch: PromptBatch) -> Rollouts:
 
 
 def score(run: Run, step: int, rollouts: Rollouts, prompts: list[Prompt]) -> Scores:
-    """Verifiers, and for rubric rows the LLM judge (all of the step's calls at once; rubrics.py)."""
+    """Verifiers, and for rubric rows the LLM judge (all of the step's calls at once; rubrics.py); then the reward
+    functions, when --reward_funcs lists any (reward_funcs/: their weighted sum is the reward)."""
+    samples = [prompts[i] for i in rollouts.prompt_index]
+    funcs = run.reward_funcs
+    base = verify_batch(run, step, rollouts, prompts) if funcs is None or funcs.needs_base else None
+    if funcs is None:
+        return base
+    inputs = funcs.inputs(step, samples, rollouts.response_texts, rollouts.response_token_ids(), rollouts.finish_reasons, rollouts.prompt_index, base)
+    return funcs.score(inputs, base)
+
+
+def verify_batch(run: Run, step: int, rollouts: Rollouts, prompts: list[Prompt]) -> Scores:
+    """Today's reward: verifiers by name, the judge's rubric scores, the format reward and penalties (rewards.py)."""
     cfg = run.cfg
     samples = [prompts[i] for i in rollouts.prompt_index]
     rubric = None
@@ -324,6 +339,7 @@ def score(run: Run, step: int, rollouts: Rollouts, prompts: list[Prompt]) -> Sco
                             [p.ground_truth for p in samples], cfg.reward, None if rubric is None else rubric.scores,
                             [p.thinking_open for p in samples])
     scores.metrics = None if rubric is None else rubric.metrics
+    scores.rubric_scores = None if rubric is None else rubric.scores
     return scores
 
 
@@ -358,8 +374,14 @@ def make_run_dir(run_dir: str, resume: bool = False) -> str | None:
     return checkpoint.newest_state(run_dir)
 
 
-def prepare_verifiers(prompts: list[Prompt], cfg: Config) -> None:
-    """Load user verifiers, apply --remap_verifier to every prompt, and refuse unknown names up front."""
+def prepare_verifiers(prompts: list[Prompt], cfg: Config, with_reward_funcs: bool = False) -> None:
+    """Load user verifiers, apply --remap_verifier to every prompt, and refuse unknown names up front (and a
+    TRL-format row nothing would score: no --verifier and no --reward_funcs)."""
+    unverified = [p for p in prompts if not p.verifiers]
+    if unverified and not with_reward_funcs:
+        p = unverified[0]
+        raise UserError(f"{p.source} row {p.row} is a TRL-format row (a prompt column) and nothing scores it: name a verifier and its "
+                        "ground-truth column (--verifier gsm8k --ground_truth_column answer) or reward functions (--reward_funcs)")
     if cfg.reward.verifier_module:
         added = verifiers.load_verifier_module(cfg.reward.verifier_module)
         log.info("verifiers: %s added from %s", ", ".join(added), cfg.reward.verifier_module)
@@ -413,11 +435,14 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
     system_prompt, template_kwargs = read_system_prompt(cfg.data.system_prompt_file), chat_template_kwargs(cfg.model)
     prompts = build_prompts(
         cfg.data.dataset_mixer_list, cfg.data.dataset_mixer_list_splits, tokenizer, cfg.data.max_prompt_token_length,
-        system_prompt=system_prompt, add_bos=cfg.model.add_bos, template_kwargs=template_kwargs,
+        system_prompt=system_prompt, add_bos=cfg.model.add_bos, template_kwargs=template_kwargs, settings=row_settings(cfg),
     )
     eval_prompts = load_eval_prompts(cfg, tokenizer, system_prompt, template_kwargs, runtime.device.type)
+    reward_funcs = load_reward_funcs(cfg.reward, cfg.rollout.response_length, derived.num_training_steps)
+    if reward_funcs is not None:
+        reward_funcs.check_prompts(prompts + eval_prompts)
     if cfg.reward.apply_verifiable_reward:
-        prepare_verifiers(prompts + eval_prompts, cfg)
+        prepare_verifiers(prompts + eval_prompts, cfg, reward_funcs is not None)
     log.info("data: %d prompts%s", len(prompts), f", {len(eval_prompts)} held out for evaluation" if eval_prompts else "")
     policy = load_policy(cfg, runtime)
     master = MasterWeights(trainable_parameters(policy))
@@ -467,6 +492,7 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
     run = Run(cfg, derived, runtime, tokenizer, prompts, PromptSampler(len(prompts), cfg.experiment.seed), policy, reference,
               master, optimizer, scheduler, tracker, eval_prompts, eval_schedule(derived.num_training_steps, derived.num_evals)
               if eval_prompts else set(), profiler)
+    run.reward_funcs = reward_funcs
     if judge_wanted(cfg.rubric):
         run.rubrics = RubricScorer(cfg.rubric, *make_judges(cfg.rubric))
         log.info("rubrics: judge %s at %s (key from $%s)", cfg.rubric.llm_judge_model, run.rubrics.judge.settings.base_url,

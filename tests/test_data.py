@@ -168,3 +168,91 @@ def test_builtin_rephrased_split_holds_the_test_problems_in_new_words():
     assert all(r["messages"][0]["content"] not in train_questions for r in rephrased)
     assert {"Compute", "Calculate"} <= {r["messages"][0]["content"].split()[0] for r in rephrased} and not {"Compute", "Calculate"} & starts
     assert all(r["messages"][0]["content"].endswith("Put the final answer after ####.") for r in rephrased)
+
+
+# ---------------------------------------------------------------- TRL formats and more file types
+
+
+TRL_ROWS = [
+    {"prompt": "What is 2 + 3?", "answer": "Add them. #### 5", "id": 7},
+    {"prompt": "What is 4 + 4?", "answer": "#### 8", "id": 8},
+]
+
+
+def _formats(tmp_path):
+    """The same two standard rows as .jsonl, .json, .csv, .parquet and a save_to_disk folder (a DatasetDict)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = {}
+    paths["jsonl"] = tmp_path / "rows.jsonl"
+    paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in TRL_ROWS))
+    paths["json"] = tmp_path / "rows.json"
+    paths["json"].write_text(json.dumps(TRL_ROWS))
+    paths["csv"] = tmp_path / "rows.csv"
+    paths["csv"].write_text("prompt,answer,id\n" + "".join(f"\"{r['prompt']}\",\"{r['answer']}\",{r['id']}\n" for r in TRL_ROWS))
+    paths["parquet"] = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(TRL_ROWS), paths["parquet"])
+    paths["saved"] = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(TRL_ROWS)}).save_to_disk(str(paths["saved"]))
+    return paths
+
+
+def test_trl_standard_rows_from_every_file_type_with_a_verifier(tmp_path, tokenizer, caplog):
+    settings = data.RowSettings(verifier="gsm8k", ground_truth_column="answer")
+    for kind, path in _formats(tmp_path).items():
+        with caplog.at_level("INFO"):
+            prompts = data.build_prompts([str(path), "1.0"], ["train"], tokenizer, 256, settings=settings, system_prompt="Be brief.")
+        assert [p.ground_truth for p in prompts] == [["Add them. #### 5"], ["#### 8"]], kind
+        assert all(p.verifiers == ["gsm8k"] for p in prompts), kind
+        first = prompts[0]
+        assert first.text_prompt == "What is 2 + 3?" and first.messages == [{"role": "system", "content": "Be brief."},
+                                                                           {"role": "user", "content": "What is 2 + 3?"}], kind
+        assert first.columns == {"answer": "Add them. #### 5", "id": 7}, kind  # every column but the prompt, as in the file
+        assert "TRL standard prompts (prompt is a string); columns for the reward functions: answer, id" in caplog.text, kind
+        caplog.clear()
+    from open_instruct2.verifiers import VERIFIERS
+
+    assert VERIFIERS["gsm8k"]("so #### 5", prompts[0].ground_truth[0]) == 1.0  # the gsm8k answer column is a ground truth as it is
+
+
+def test_trl_conversational_rows_and_the_refusals(tmp_path, tokenizer):
+    conv = tmp_path / "conv.jsonl"
+    conv.write_text(json.dumps({"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi?"}], "solution": "4"}) + "\n")
+    [p] = data.build_prompts([str(conv), "1.0"], ["train"], tokenizer, 256)
+    assert p.text_prompt is None and p.messages[-1] == {"role": "user", "content": "Hi?"} and p.verifiers == [] and p.columns == {"solution": "4"}
+    cases = {
+        "nothing": ({"question": "x", "answer": "1"}, "fits no dataset format (found question, answer)"),
+        "mixed": ([{"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]}], "row 2: is a row of TRL conversational prompts"),
+        "no user": ({"prompt": [{"role": "system", "content": "s"}]}, "'prompt' has no user turn"),
+        "bad message": ({"prompt": [{"role": "robot", "content": "s"}]}, "prompt[0] must be"),
+        "empty": ({"prompt": "  "}, "'prompt' is empty"),
+    }
+    for name, (rows, needle) in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in (rows if isinstance(rows, list) else [rows])))
+        with pytest.raises(DataError) as e:
+            data.build_prompts([str(path), "1.0"], ["train"], tokenizer, 256)
+        assert str(path) in str(e.value) and needle in str(e.value), (name, str(e.value))
+    with pytest.raises(DataError, match="row 1: no 'answer' column for --verifier gsm8k"):
+        data.build_prompts([str(conv), "1.0"], ["train"], tokenizer, 256, settings=data.RowSettings("gsm8k", "answer"))
+    saved = _formats(tmp_path)["saved"]
+    with pytest.raises(DataError, match="has splits train, not 'test'"):
+        data.build_prompts([str(saved), "1.0"], ["test"], tokenizer, 256)
+
+
+def test_a_hub_source_with_a_configuration_name(monkeypatch):
+    """name:config reaches datasets.load_dataset as (name, config) (no hub here: the loader is replaced)."""
+    import datasets
+
+    calls = []
+
+    class Rows:
+        def to_list(self):
+            return TRL_ROWS
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or Rows())
+    assert data.load_rows("openai/gsm8k:main", "test") == TRL_ROWS
+    assert data.load_rows("openai/gsm8k", "train") == TRL_ROWS
+    assert calls == [(("openai/gsm8k", "main"), {"split": "test"}), (("openai/gsm8k", None), {"split": "train"})]

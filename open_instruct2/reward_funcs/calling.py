@@ -1,0 +1,134 @@
+"""Calling the reward functions on one batch and adding up their rewards.
+
+    reward_i = sum over functions f of  weight_f * r_f,i   (functions that returned None for sample i left out)
+    valid_i  = some function returned a number for sample i (else: no reward this step, out of the loss)
+
+Every function gets TRL's keyword arguments (`prompts`, `completions`, `completion_ids`, every other column of
+the dataset row, `trainer_state`) and ours (`finish_reasons`, `group_index`, `verifier_rewards`,
+`rubric_scores`), each a list aligned with the samples; a function is passed only the ones it names, or all of
+them when it takes **kwargs. `async def` functions of a batch run concurrently.
+"""
+
+import asyncio
+import logging
+import math
+import numbers
+from dataclasses import dataclass
+
+from ..errors import UserError
+from .loading import RewardFunction
+
+log = logging.getLogger(__name__)
+
+PASSED = ("prompts", "completions", "completion_ids", "trainer_state", "finish_reasons", "group_index", "verifier_rewards", "rubric_scores")
+"""The keyword arguments every call has besides the dataset's columns (a column may not take one of these names)."""
+
+
+@dataclass
+class TrainerState:
+    """What TRL's reward functions read of `trainer_state`."""
+
+    global_step: int
+    """The training step being scored (0: an evaluation before training)."""
+    max_steps: int
+
+
+class RewardFunctionError(Exception):
+    """One function's call failed or returned something unusable: message names the function and the problem."""
+
+
+def _check(name: str, values, n: int) -> list[float | None]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise RewardFunctionError(f"reward function {name!r} returned a {type(values).__name__}; return a list of {n} floats (or None)")
+    if len(values) != n:
+        raise RewardFunctionError(f"reward function {name!r} returned {len(values)} values for {n} completions; return one per completion")
+    out = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:  # a numpy or torch scalar
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise RewardFunctionError(f"reward function {name!r} returned {v!r} ({type(v).__name__}) for completion {i}; return a float or None")
+        v = float(v)
+        if math.isnan(v):  # TRL's convention: nan = not applicable
+            out.append(None)
+        elif math.isinf(v):
+            raise RewardFunctionError(f"reward function {name!r} returned {v} for completion {i}; return a finite float or None")
+        else:
+            out.append(v)
+    return out
+
+
+def _kwargs(f: RewardFunction, inputs: dict) -> dict:
+    return dict(inputs) if f.accepts is None else {k: v for k, v in inputs.items() if k in f.accepts}
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:300]
+
+
+def call_all(funcs: list[RewardFunction], inputs: dict, n: int) -> dict[str, list[float | None] | RewardFunctionError]:
+    """name -> values, or the error that function's call ended in (sync ones in order, async ones together)."""
+    out: dict[str, list[float | None] | RewardFunctionError] = {}
+    for f in funcs:
+        if f.is_async:
+            continue
+        try:
+            out[f.name] = _check(f.name, f.fn(**_kwargs(f, inputs)), n)
+        except RewardFunctionError as e:
+            out[f.name] = e
+        except Exception as e:  # noqa: BLE001 - a user's function may raise anything: counted, named
+            out[f.name] = RewardFunctionError(f"reward function {f.name!r} raised {_describe(e)}")
+    asynchronous = [f for f in funcs if f.is_async]
+    if asynchronous:
+        async def gather():
+            return await asyncio.gather(*(f.fn(**_kwargs(f, inputs)) for f in asynchronous), return_exceptions=True)
+
+        for f, values in zip(asynchronous, asyncio.run(gather())):
+            if isinstance(values, BaseException):
+                out[f.name] = RewardFunctionError(f"reward function {f.name!r} raised {_describe(values)}")
+                continue
+            try:
+                out[f.name] = _check(f.name, values, n)
+            except RewardFunctionError as e:
+                out[f.name] = e
+    return {f.name: out[f.name] for f in funcs}
+
+
+def check_columns(funcs: list[RewardFunction], columns: set[str], where: str) -> None:
+    """At start-up: no column shadows a passed argument, and every function's required argument is there."""
+    clash = sorted(columns & set(PASSED))
+    if clash:
+        raise UserError(f"{where}: column {clash[0]!r} has the name of an argument every reward function is passed; rename the column")
+    available = columns | set(PASSED)
+    for f in funcs:
+        missing = sorted(f.required - available)
+        if missing:
+            raise UserError(f"reward function {f.name!r} needs {', '.join(repr(m) for m in missing)}, which the dataset does not have "
+                            f"(columns: {', '.join(sorted(columns)) or 'none'}); add the column or give the parameter a default")
+
+
+def combine(funcs: list[RewardFunction], results: dict[str, list[float | None] | RewardFunctionError], n: int):
+    """(rewards (n,), valid (n,), metrics, errors): the weighted sum over the numbers each sample got."""
+    rewards, counted = [0.0] * n, [False] * n
+    metrics, errors = {}, []
+    for f in funcs:
+        values = results[f.name]
+        if isinstance(values, RewardFunctionError):
+            errors.append(str(values))
+            metrics[f"reward/{f.name}/errors"] = 1.0
+            continue
+        numbers_ = [v for v in values if v is not None]
+        for i, v in enumerate(values):
+            if v is not None:
+                rewards[i] += f.weight * v
+                counted[i] = True
+        if numbers_:
+            mean = sum(numbers_) / len(numbers_)
+            metrics[f"reward/{f.name}/mean"] = mean
+            metrics[f"reward/{f.name}/std"] = math.sqrt(sum((v - mean) ** 2 for v in numbers_) / len(numbers_))
+        metrics[f"reward/{f.name}/none_fraction"] = 1.0 - len(numbers_) / n if n else 0.0
+        metrics[f"reward/{f.name}/errors"] = 0.0
+    return rewards, counted, metrics, errors
