@@ -8,7 +8,8 @@
   after the final step (`eval_schedule`); `--num_evals 0` turns it off. Without `--num_evals`: 10, at most one per
   10 training steps, so a short try-out does not spend its time evaluating. The plan (prompts, steps) is logged at
   start-up, and after the first evaluation how long the rest will take.
-- How: greedy decoding (no sampling), `response_length` tokens, the same stop strings, in batches.
+- How: greedy decoding (no sampling), `response_length` tokens, the same stop strings, in batches; with
+  `--eval_num_samples k` k sampled answers per prompt (`generate_answers`) and `eval/pass@j`, `eval/mean@k` (`pass_metrics`).
 - What: `eval/accuracy` (verifier score 1), `eval/<verifier>/accuracy` per verifier name, `eval/reward_mean`
   (the training reward, format and penalties included), response length and truncation; every completion
   to <run>/evals/step_<N>.jsonl.

@@ -152,3 +152,41 @@ def test_a_function_from_trl_trains_unchanged(tmp_path, tiny_model_dir):
     m = json.loads((tmp_path / "out" / "fns" / "metrics.jsonl").read_text().splitlines()[0])
     assert m["reward/think_format_reward/mean"] == 0.0  # a random model writes no <think> block
     assert m["reward/think_format_reward/errors"] == 0.0 and "reward/repetition_penalty/mean" in m
+
+
+def test_the_builtins_pass_on_todays_scores_unchanged():
+    """`verifiable` is today's reward (None where the judge answered nothing), `rubric` the judge's score (None elsewhere)."""
+    import torch
+
+    from open_instruct2.data import Prompt
+    from open_instruct2.reward_funcs import RewardFunctions
+    from open_instruct2.rewards import Scores
+
+    funcs = RewardFunctions(load(["verifiable", "rubric"], [1.0, 3.0], builtins(SETTINGS, 10)), max_steps=5)
+    assert funcs.needs_base
+    base = Scores(rewards=torch.tensor([10.0, 0.0, 0.5]), breakdown={"verifiable": torch.tensor([10.0, 0.0, 0.5])},
+                  verifier_scores=torch.tensor([1.0, 0.0, 0.5]), verifier_errors=0, valid=torch.tensor([True, True, False]),
+                  rubric_scores=[None, 0.0, None])
+    prompts = [Prompt([1], [{"role": "user", "content": "q"}], ["1"], ["gsm8k"], "d.jsonl", 1, columns={"ground_truth": "1", "dataset": "gsm8k"})] * 3
+    inputs = funcs.inputs(4, prompts, ["a", "b", "c"], [[1], [2], [3]], ["stop"] * 3, [0, 0, 1], base)
+    assert inputs["verifier_rewards"] == [10.0, 0.0, None] and inputs["ground_truth"] == ["1"] * 3
+    assert inputs["completions"][0] == [{"role": "assistant", "content": "a"}] and inputs["trainer_state"].global_step == 4
+    scores = funcs.score(inputs, base)
+    assert scores.rewards.tolist() == [10.0, 0.0, 0.0] and scores.valid.tolist() == [True, True, False]
+    assert scores.function_values == {"verifiable": [10.0, 0.0, None], "rubric": [None, 0.0, None]}
+    assert torch.equal(scores.verifier_scores, base.verifier_scores)
+
+
+def test_reward_funcs_verifiable_is_the_default_reward(tmp_path, tiny_model_dir):
+    """--reward_funcs verifiable trains exactly as no --reward_funcs (same rewards, same losses, same weights)."""
+    from test_train_e2e import tiny_args
+
+    runs = {}
+    for name, extra in {"default": [], "listed": ["--reward_funcs", "verifiable"]}.items():
+        proc = run_cli(*tiny_args(tmp_path, tiny_model_dir, "--num_training_steps", "2", "--run_name", name, "--beta", "0.1", *extra))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in (tmp_path / "out" / name / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(runs["default"], runs["listed"]):
+        for key in ("reward/mean", "reward/std", "reward/verifier_accuracy", "train/policy_loss", "train/kl", "train/grad_norm"):
+            assert a.get(key) == b.get(key), key
+    assert runs["listed"][0]["reward/verifiable/mean"] == runs["listed"][0]["reward/mean"]
