@@ -184,16 +184,7 @@ def validate_row(row: dict, where: str) -> tuple[list[dict], list[str], list[str
     missing = [k for k in ("messages", "ground_truth", "dataset") if k not in row]
     if missing:
         raise DataError(f"{where}: missing {', '.join(missing)}; each row needs messages, ground_truth and dataset")
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: messages[{i}] must be {{'role': one of {'/'.join(ROLES)}, 'content': a string}}, got {str(m)[:80]}")
-    if messages[-1]["role"] == "assistant":
-        messages = messages[:-1]  # a reference answer in the chat is not part of the prompt
-    if not any(m["role"] == "user" for m in messages):
-        raise DataError(f"{where}: 'messages' has no user turn")
+    messages = check_messages(row["messages"], where, "messages")
     truths, names = row["ground_truth"], row["dataset"]
     truths = truths if isinstance(truths, list) else [truths]
     names = names if isinstance(names, list) else [names]
@@ -226,17 +217,18 @@ def detect_format(row, where: str, prompt_column: str = "prompt") -> str:
                     f"or a {prompt_column!r} column holding a string or a list of messages (TRL; --prompt_column names another)")
 
 
-def _check_messages(messages, where: str, column: str) -> list[dict]:
+def check_messages(messages, where: str, column: str) -> list[dict]:
+    """A chat list of {role, content}, with a user turn; a trailing assistant turn (a reference answer) is dropped."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: {column!r} must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: {column}[{i}] must be {{'role': one of {'/'.join(ROLES)}, 'content': a string}}, got {str(m)[:80]}")
     if messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
+        messages = messages[:-1]  # a reference answer in the chat is not part of the prompt
     if not any(m["role"] == "user" for m in messages):
         raise DataError(f"{where}: {column!r} has no user turn")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return messages
 
 
 @dataclass
@@ -265,7 +257,7 @@ def parse_row(row, where: str, fmt: str, settings: RowSettings) -> tuple[list[di
     text = row[key] if fmt == "standard" else None
     if text is not None and not text.strip():
         raise DataError(f"{where}: {key!r} is empty")
-    messages = [{"role": "user", "content": text}] if text is not None else _check_messages(row[key], where, key)
+    messages = [{"role": "user", "content": text}] if text is not None else check_messages(row[key], where, key)
     columns = {k: v for k, v in row.items() if k != key}
     if settings.verifier is None:
         return messages, [], [], columns, text
