@@ -104,9 +104,13 @@ def _read_local(path: str) -> list[dict]:
                 raise DataError(f"{path}: a .json dataset must hold a list of rows, found {type(data).__name__}")
             return data
         if path.endswith(".csv"):
-            import pyarrow.csv as pcsv
+            import csv
 
-            return pcsv.read_csv(path).to_pylist()
+            with open(path, encoding="utf-8", newline="") as f:  # every value stays the text it is ("2", not 2.0)
+                try:
+                    return list(csv.DictReader(f))
+                except csv.Error as e:
+                    raise DataError(f"{path}: not valid CSV ({e}); fix the file") from None
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()

@@ -74,6 +74,13 @@ def load(cfg, model: str, is_adapter: bool, runtime):
     return policy, tokenizer
 
 
+def step_of(model: str) -> int:
+    """The training step of a checkpoint folder (checkpoints/step_<N>), else 0: it seeds sampled answers (--eval_num_samples
+    > 1) as the run's own evaluation at that step was seeded."""
+    name = os.path.basename(os.path.normpath(model))
+    return int(name[len("step_"):]) if name.startswith("step_") and name[len("step_"):].isdigit() else 0
+
+
 def print_table(metrics: dict[str, float], how: str) -> None:
     rows = [f"| {k[len('eval/'):]} | {v:.3f} |" for k, v in metrics.items() if k not in ("eval/seconds", "eval/samples_per_prompt")]
     print("\n".join([f"\nevaluation on {int(metrics['eval/prompts'])} prompts ({how}):", "| metric | value |", "|---|---|", *rows]), flush=True)
@@ -100,18 +107,18 @@ def run(cfg, model: str, is_adapter: bool) -> str:
                                runtime.device.type)
     if not prompts:
         raise UserError("no evaluation data: give --dataset_mixer_eval_list SOURCE AMOUNT")
-    reward_funcs = load_reward_funcs(cfg.reward, cfg.rollout.response_length, 0)
+    reward_funcs = load_reward_funcs(cfg.reward, cfg.rollout.response_length, derived.num_training_steps)
     if reward_funcs is not None:
         reward_funcs.check_prompts(prompts)
     if cfg.reward.apply_verifiable_reward:
         prepare_verifiers(prompts, cfg, reward_funcs is not None)
     rubrics = RubricScorer(cfg.rubric, *make_judges(cfg.rubric)) if judge_wanted(cfg.rubric) else None
-    generation = make_generation_model(cfg, runtime, policy, max(len(p.prompt_ids) for p in prompts), 1)
+    generation = make_generation_model(cfg, runtime, policy, max(len(p.prompt_ids) for p in prompts), derived.num_training_steps)
     batch_size = max(cfg.optim.inference_batch_size, cfg.rollout.num_unique_prompts_rollout * cfg.rollout.num_samples_per_prompt_rollout)
     log.info("evaluate: %s on %d prompts, %s, up to %d tokens each", model, len(prompts), describe_sampling(cfg), cfg.rollout.response_length)
     start = time.perf_counter()
     metrics, records = evaluate(generation.model(), tokenizer, prompts, cfg, runtime.device, batch_size,
-                                static_width=generation.static_width, rubrics=rubrics, reward_funcs=reward_funcs)
+                                static_width=generation.static_width, rubrics=rubrics, reward_funcs=reward_funcs, step=step_of(model))
     metrics["eval/seconds"] = time.perf_counter() - start
     os.makedirs(derived.run_dir, exist_ok=True)
     with open(os.path.join(derived.run_dir, "completions.jsonl"), "w") as f:

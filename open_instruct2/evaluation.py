@@ -23,6 +23,7 @@ import math
 import os
 import random
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 
@@ -103,18 +104,19 @@ def pass_ks(n: int) -> list[int]:
 
 def generate_answers(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batch_size: int, static_width: int | None,
                      step: int) -> tuple[list[str], list[str], list[int], list[list[int]]]:
-    """k = --eval_num_samples answers per prompt (prompt-major): greedy for k = 1, else sampled at --eval_temperature (or
-    the training temperature) from an RNG of its own (seed + step), so an evaluation never moves the training's."""
+    """k = --eval_num_samples answers per prompt (prompt-major), batch_size answers per generate call: greedy for k = 1
+    (no RNG touched), else sampled at --eval_temperature (or the training temperature) from an RNG of its own (seed +
+    step), so an evaluation never moves the training's."""
     k = cfg.tracking.eval_num_samples
     temperature = cfg.tracking.eval_temperature or cfg.rollout.temperature
+    per_call = max(1, batch_size // k)  # prompts per generate call
     texts, reasons, lengths, ids = [], [], [], []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.experiment.seed * 1_000_003 + step)
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
+    with own_rng(device, cfg.experiment.seed * 1_000_003 + step, enabled=k > 1):
+        for start in range(0, len(prompts), per_call):
+            chunk = prompts[start : start + per_call]
             n = len(chunk) * k
             if static_width is not None and start > 0:
-                chunk = chunk + [chunk[0]] * (batch_size - len(chunk))
+                chunk = chunk + [chunk[0]] * (per_call - len(chunk))
             r = generate_rollouts(policy, tokenizer, PromptBatch(chunk, list(range(len(chunk)))), num_samples=k,
                                   response_length=cfg.rollout.response_length, temperature=1.0 if k == 1 else temperature,
                                   top_p=1.0 if k == 1 else cfg.rollout.top_p, stop_strings=cfg.rollout.stop_strings, device=device,
@@ -124,6 +126,18 @@ def generate_answers(policy, tokenizer, prompts: list[Prompt], cfg: Config, devi
             lengths += r.response_lengths[:n].tolist()
             ids += r.response_token_ids()[:n]
     return texts, reasons, lengths, ids
+
+
+@contextmanager
+def own_rng(device, seed: int, enabled: bool):
+    """Sample from torch's RNG seeded with `seed`, and leave the run's RNG (CPU and the device's) as it was."""
+    if not enabled:
+        yield
+        return
+    on_device = device.type in ("cuda", "mps")
+    with torch.random.fork_rng(devices=[device.index or 0] if on_device else [], device_type=device.type if on_device else "cuda"):
+        torch.manual_seed(seed)
+        yield
 
 
 @torch.no_grad()

@@ -36,7 +36,8 @@ HARMLESS = {
     # logging, checkpointing and profiling: what is written, not what is learned
     "log_level", "log_samples_freq", "save_rollouts", "save_freq", "checkpoint_state_freq", "keep_last_n_checkpoints",
     "with_tracking", "wandb_project_name", "wandb_entity", "num_evals", "eval_max_samples", "shuffle_eval_dataset",
-    "dataset_mixer_eval_list", "dataset_mixer_eval_list_splits", "dry_run", "resume",
+    "dataset_mixer_eval_list", "dataset_mixer_eval_list_splits", "eval_num_samples", "eval_temperature", "eval_success_threshold",
+    "dry_run", "resume",
     "enable_memory_profile", "memory_profile_interval_s", "memory_profile_top_n_children", "memory_profile_mark_steps",
     "memory_profile_step_interval", "memory_profile_enable_tracemalloc",
     # where the reference is served from (not which model it is), timeouts and retries, threads

@@ -209,7 +209,8 @@ def test_trl_standard_rows_from_every_file_type_with_a_verifier(tmp_path, tokeni
         first = prompts[0]
         assert first.text_prompt == "What is 2 + 3?" and first.messages == [{"role": "system", "content": "Be brief."},
                                                                            {"role": "user", "content": "What is 2 + 3?"}], kind
-        assert first.columns == {"answer": "Add them. #### 5", "id": 7}, kind  # every column but the prompt, as in the file
+        # every column but the prompt, as in the file (a CSV holds text: its values stay text)
+        assert first.columns == {"answer": "Add them. #### 5", "id": "7" if kind == "csv" else 7}, kind
         assert "TRL standard prompts (prompt is a string); columns for the reward functions: answer, id" in caplog.text, kind
         caplog.clear()
     from open_instruct2.verifiers import VERIFIERS

@@ -190,3 +190,36 @@ def test_reward_funcs_verifiable_is_the_default_reward(tmp_path, tiny_model_dir)
         for key in ("reward/mean", "reward/std", "reward/verifier_accuracy", "train/policy_loss", "train/kl", "train/grad_norm"):
             assert a.get(key) == b.get(key), key
     assert runs["listed"][0]["reward/verifiable/mean"] == runs["listed"][0]["reward/mean"]
+
+
+def test_async_functions_share_one_loop_and_work_under_a_running_loop(tmp_path):
+    """A client bound to the loop of its first call (e.g. AsyncOpenAI) keeps working on later batches, and a caller that is
+    itself inside an event loop (a notebook) can score; a file with dataclasses and postponed annotations loads."""
+    import asyncio
+
+    path = _write(tmp_path, '''
+from __future__ import annotations
+import asyncio
+from dataclasses import dataclass
+
+@dataclass
+class Client:
+    loop: object = None
+
+CLIENT = Client()
+
+async def bound(completions):
+    loop = asyncio.get_running_loop()
+    CLIENT.loop = CLIENT.loop or loop
+    if CLIENT.loop is not loop:
+        raise RuntimeError("Event loop is closed")
+    return [1.0 for _ in completions]
+''')
+    funcs = load([f"{path}:bound"], None, builtins(SETTINGS, 10))
+    assert call_all(funcs, {"completions": ["a"]}, 1) == {"bound": [1.0]}
+    assert call_all(funcs, {"completions": ["a", "b"]}, 2) == {"bound": [1.0, 1.0]}
+
+    async def inside_a_loop():
+        return call_all(funcs, {"completions": ["c"]}, 1)
+
+    assert asyncio.run(inside_a_loop()) == {"bound": [1.0]}

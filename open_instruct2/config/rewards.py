@@ -1,6 +1,7 @@
 """Reward flags (verifiable and format rewards, penalties, verifier renames and extra verifier modules)
 and their own checks; the rewards themselves are computed in open_instruct2/rewards.py."""
 
+import math
 import os
 from typing import Optional
 
@@ -61,6 +62,8 @@ def validate_reward(rw: RewardConfig) -> None:
     require("soft_overlong" not in (rw.reward_funcs or []) or rw.overlong_buffer_len > 0,
             "--reward_funcs soft_overlong needs --overlong_buffer_len L > 0 (the last L tokens before response_length are penalised)")
     require(rw.overlong_penalty_factor >= 0, f"--overlong_penalty_factor must be >= 0, got {rw.overlong_penalty_factor}")
+    require(rw.repetition_max_penalty <= 0, f"--repetition_max_penalty must be <= 0 (a penalty), got {rw.repetition_max_penalty}")
+    require(all(math.isfinite(w) for w in rw.reward_weights or []), f"--reward_weights must be finite numbers, got {rw.reward_weights}")
     require(rw.repetition_ngram_size >= 1, f"--repetition_ngram_size must be >= 1, got {rw.repetition_ngram_size}")
     require(rw.verification_reward >= 0, f"--verification_reward must be >= 0, got {rw.verification_reward}")
 

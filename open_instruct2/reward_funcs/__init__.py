@@ -46,12 +46,13 @@ class RewardFunctions:
         return [f.name for f in self.funcs]
 
     def check_prompts(self, prompts: list[Prompt]) -> None:
-        """At start-up: every source's columns fit every function's required arguments."""
-        seen = {}
+        """At start-up: every row's columns fit every function's required arguments (the first misfit is named)."""
+        fits = set()
         for p in prompts:
-            seen.setdefault(p.source, (p, set(p.columns)))
-        for source, (p, columns) in seen.items():
-            check_columns(self.funcs, columns, f"{source} row {p.row}")
+            columns = frozenset(p.columns)
+            if columns not in fits:
+                check_columns(self.funcs, set(columns), f"{p.source} row {p.row}")
+                fits.add(columns)
 
     def inputs(self, step: int, samples: list[Prompt], texts: list[str], completion_ids: list[list[int]], finish_reasons: list[str],
                group_index: list[int], base: Scores | None) -> dict:

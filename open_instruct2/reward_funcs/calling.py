@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import numbers
+import threading
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -69,6 +70,19 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:300]
 
 
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def event_loop() -> asyncio.AbstractEventLoop:
+    """One event loop for the process, run in a daemon thread: an async function's client (e.g. AsyncOpenAI made at
+    import) stays bound to a live loop across batches, and a caller that is itself in an event loop (a notebook) works."""
+    global _loop
+    if _loop is None:
+        _loop = asyncio.new_event_loop()
+        threading.Thread(target=_loop.run_forever, daemon=True, name="reward-functions").start()
+    return _loop
+
+
 def call_all(funcs: list[RewardFunction], inputs: dict, n: int) -> dict[str, list[float | None] | RewardFunctionError]:
     """name -> values, or the error that function's call ended in (sync ones in order, async ones together)."""
     out: dict[str, list[float | None] | RewardFunctionError] = {}
@@ -83,10 +97,13 @@ def call_all(funcs: list[RewardFunction], inputs: dict, n: int) -> dict[str, lis
             out[f.name] = RewardFunctionError(f"reward function {f.name!r} raised {_describe(e)}")
     asynchronous = [f for f in funcs if f.is_async]
     if asynchronous:
-        async def gather():
-            return await asyncio.gather(*(f.fn(**_kwargs(f, inputs)) for f in asynchronous), return_exceptions=True)
+        async def one(f: RewardFunction):
+            return await f.fn(**_kwargs(f, inputs))  # a call that raises before its first await is caught too
 
-        for f, values in zip(asynchronous, asyncio.run(gather())):
+        async def gather():
+            return await asyncio.gather(*(one(f) for f in asynchronous), return_exceptions=True)
+
+        for f, values in zip(asynchronous, asyncio.run_coroutine_threadsafe(gather(), event_loop()).result()):
             if isinstance(values, BaseException):
                 out[f.name] = RewardFunctionError(f"reward function {f.name!r} raised {_describe(values)}")
                 continue
@@ -106,7 +123,7 @@ def check_columns(funcs: list[RewardFunction], columns: set[str], where: str) ->
     for f in funcs:
         missing = sorted(f.required - available)
         if missing:
-            raise UserError(f"reward function {f.name!r} needs {', '.join(repr(m) for m in missing)}, which the dataset does not have "
+            raise UserError(f"reward function {f.name!r} needs {', '.join(repr(m) for m in missing)}, which {where} does not have "
                             f"(columns: {', '.join(sorted(columns)) or 'none'}); add the column or give the parameter a default")
 
 

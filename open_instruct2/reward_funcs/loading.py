@@ -35,9 +35,11 @@ def _load_file(path: str, attr: str, spec: str) -> object:
     module = importlib.util.module_from_spec(module_spec)
     folder = os.path.dirname(os.path.abspath(path))
     sys.path.insert(0, folder)  # the file may import its neighbours
+    sys.modules[module_name] = module  # dataclasses and pickling look their module up here
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - any error in the user's file is theirs to fix: one line
+        sys.modules.pop(module_name, None)
         raise UserError(f"--reward_funcs {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from None
     finally:
         sys.path.remove(folder)
