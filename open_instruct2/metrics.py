@@ -97,6 +97,6 @@ def print_eval_table(evals: list) -> None:
                                                          "eval/samples_per_prompt")]
     rows = [f"| {k[len('eval/'):]} | {first[k]:.3f} | {last[k]:.3f} | {last[k] - first[k]:+.3f} |" for k in names]
     k = int(last.get("eval/samples_per_prompt", 1))
-    how = "greedy" if k == 1 else f"{k} sampled answers each; accuracy = pass@1"
+    how = "greedy" if k == 1 else f"{k} sampled answers each; accuracy = right answers / answers"
     print("\n".join([f"\nevaluation on {int(last['eval/prompts'])} held-out prompts ({how}):",
                      f"| metric | step {first_step} | step {last_step} | change |", "|---|---|---|---|", *rows]), flush=True)

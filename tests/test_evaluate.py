@@ -56,7 +56,7 @@ def test_a_run_on_gsm8k_shaped_rows_evaluates_pass_at_k(tmp_path, tiny_model_dir
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "TRL standard prompts (prompt is a string); columns for the reward functions: answer" in proc.stdout
     assert "evaluation: 6 held-out prompts, 4 answers each at temperature 1.5" in proc.stdout
-    assert "evaluation on 6 held-out prompts (4 sampled answers each; accuracy = pass@1)" in proc.stdout
+    assert "evaluation on 6 held-out prompts (4 sampled answers each; accuracy = right answers / answers)" in proc.stdout
     for name in ("pass@1", "pass@2", "pass@4", "mean@4", "gsm8k/accuracy"):
         assert f"| {name} |" in proc.stdout, name
     run_dir = tmp_path / "out" / "pk"

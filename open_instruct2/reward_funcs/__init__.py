@@ -106,4 +106,8 @@ def load_reward_funcs(reward_cfg, response_length: int, max_steps: int) -> Rewar
         return None
     funcs = load(reward_cfg.reward_funcs, reward_cfg.reward_weights, builtins(reward_cfg, response_length))
     log.info("rewards: %s", " + ".join(f"{f.weight:g} x {f.name}" + (" (async)" if f.is_async else "") for f in funcs))
-    return RewardFunctions(funcs, max_steps)
+    run = RewardFunctions(funcs, max_steps)
+    if not run.needs_base and (reward_cfg.verifier or reward_cfg.apply_r1_style_format_reward or reward_cfg.non_stop_penalty):
+        log.warning("rewards: --verifier, the format reward and the non-stop penalty reach the reward only through the verifiable "
+                    "builtin, which --reward_funcs does not list; add verifiable to use them")
+    return run
