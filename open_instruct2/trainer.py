@@ -320,7 +320,7 @@ def score(run: Run, step: int, rollouts: Rollouts, prompts: list[Prompt]) -> Sco
     base = verify_batch(run, step, rollouts, prompts) if funcs is None or funcs.needs_base else None
     if funcs is None:
         return base
-    inputs = funcs.inputs(step, samples, rollouts.response_texts, rollouts.response_token_ids(), rollouts.finish_reasons, rollouts.prompt_index, base)
+    inputs = funcs.inputs(step - 1, samples, rollouts.response_texts, rollouts.response_token_ids(), rollouts.finish_reasons, rollouts.prompt_index, base)
     return funcs.score(inputs, base)
 
 

@@ -54,7 +54,7 @@ class RewardFunctions:
                 check_columns(self.funcs, set(columns), f"{p.source} row {p.row}")
                 fits.add(columns)
 
-    def inputs(self, step: int, samples: list[Prompt], texts: list[str], completion_ids: list[list[int]], finish_reasons: list[str],
+    def inputs(self, steps_done: int, samples: list[Prompt], texts: list[str], completion_ids: list[list[int]], finish_reasons: list[str],
                group_index: list[int], base: Scores | None) -> dict:
         columns = {}
         for name in {k for p in samples for k in p.columns}:
@@ -69,7 +69,7 @@ class RewardFunctions:
             "prompts": [p.text_prompt if p.text_prompt is not None else p.messages for p in samples],
             "completions": [completion_format(p)(t) for p, t in zip(samples, texts)],
             "completion_ids": completion_ids,
-            "trainer_state": TrainerState(global_step=step, max_steps=self.max_steps),
+            "trainer_state": TrainerState(global_step=steps_done, max_steps=self.max_steps),
             "finish_reasons": finish_reasons,
             "group_index": group_index,
             "verifier_rewards": verifier_rewards,

@@ -30,7 +30,7 @@ class TrainerState:
     """What TRL's reward functions read of `trainer_state`."""
 
     global_step: int
-    """The training step being scored (0: an evaluation before training)."""
+    """Training steps done so far, TRL's meaning: 0 while the first batch is scored, N in the evaluation after step N."""
     max_steps: int
 
 
