@@ -37,6 +37,7 @@ HARMLESS = {
     "log_level", "log_samples_freq", "save_rollouts", "save_freq", "checkpoint_state_freq", "keep_last_n_checkpoints",
     "with_tracking", "wandb_project_name", "wandb_entity", "num_evals", "eval_max_samples", "shuffle_eval_dataset",
     "dataset_mixer_eval_list", "dataset_mixer_eval_list_splits", "eval_num_samples", "eval_temperature", "eval_success_threshold",
+    "reward_funcs_max_failed_steps",
     "dry_run", "resume",
     "enable_memory_profile", "memory_profile_interval_s", "memory_profile_top_n_children", "memory_profile_mark_steps",
     "memory_profile_step_interval", "memory_profile_enable_tracemalloc",
@@ -74,7 +75,7 @@ def capture(run, step: int) -> tuple[dict, dict]:
         "sampler": run.sampler.state_dict(),
         "rubric_buffer": run.rubric_buffer,
         "evals": [[s, m] for s, m in run.evals],
-        "streaks": {"nonfinite": run.nonfinite_streak, "judge": run.judge_streak},
+        "streaks": {"nonfinite": run.nonfinite_streak, "judge": run.judge_streak, "reward": run.reward_streak},
         "wandb_id": run.tracker.wandb_id,
         "runtime": runtime_key(run.runtime),
         "kl_temperature": None if run.reference is None else run.reference.temperature,
@@ -172,6 +173,7 @@ def restore(run, folder: str) -> int:
     run.evals = [(int(s), m) for s, m in meta.get("evals", [])]
     streaks = meta.get("streaks", {})
     run.nonfinite_streak, run.judge_streak = int(streaks.get("nonfinite", 0)), int(streaks.get("judge", 0))
+    run.reward_streak = int(streaks.get("reward", 0))
     rng = tensors["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

@@ -84,6 +84,8 @@ class Run:
     """--reward_funcs: the reward is their weighted sum (reward_funcs/); None: today's verifiable reward."""
     judge_streak: int = 0
     """Steps in a row where every judge call failed."""
+    reward_streak: int = 0
+    """Steps in a row where every reward function failed (--reward_funcs_max_failed_steps stops the run)."""
     evals: list = field(default_factory=list)
     """(step, eval/ metrics) of this process's evaluations, for the before/after table at the end."""
 
@@ -196,6 +198,8 @@ def count_streaks(run: Run, metrics: dict[str, float]) -> None:
     """Steps in a row whose update was skipped for a non-finite loss or gradient, and where every judge call failed."""
     run.nonfinite_streak = run.nonfinite_streak + 1 if metrics.get("train/nonfinite_updates", 0.0) > 0 else 0
     run.judge_streak = run.judge_streak + 1 if judge_failed_entirely(metrics) else 0
+    every = run.reward_funcs is not None and metrics.get("reward/functions_failed", 0.0) == len(run.reward_funcs.funcs)
+    run.reward_streak = run.reward_streak + 1 if every else 0
 
 
 def check_streaks(run: Run, step: int) -> None:
@@ -209,6 +213,9 @@ def check_streaks(run: Run, step: int) -> None:
         problem = (f"every LLM-judge call failed for {run.judge_streak} steps in a row (up to step {step})",
                    "check the judge server and --llm_judge_base_url (the warnings above name the first error), then rerun the same command "
                    "to resume (the judge's connection flags may change; another --llm_judge_model needs a new --run_name)")
+    elif run.reward_streak >= run.cfg.reward.reward_funcs_max_failed_steps:
+        problem = (f"every reward function failed for {run.reward_streak} steps in a row (up to step {step}), so nothing was rewarded",
+                   "fix the functions (the warnings above name the first error) and rerun the same command to resume")
     else:
         return
     saved = save_due(run, step, force_state=run.cfg.tracking.checkpoint_state_freq > 0) or checkpoint.newest_state(run.derived.run_dir)

@@ -223,3 +223,19 @@ async def bound(completions):
         return call_all(funcs, {"completions": ["c"]}, 1)
 
     assert asyncio.run(inside_a_loop()) == {"bound": [1.0]}
+
+
+def test_reward_functions_that_keep_failing_stop_the_run_after_saving(tmp_path, tiny_model_dir):
+    path = _write(tmp_path, '''
+def flaky(completions, trainer_state):
+    if trainer_state.global_step >= 1:  # fine on the first batch, then a server it needs goes away
+        raise ConnectionError("sandbox unreachable")
+    return [0.5 for _ in completions]
+''')
+    proc = run_cli(*example_args(tmp_path, tiny_model_dir, "--reward_funcs", f"{path}:flaky", "--num_training_steps", "6",
+                                 "--reward_funcs_max_failed_steps", "2", "--checkpoint_state_freq", "1"))
+    assert_one_line_error(proc, "every reward function failed for 2 steps in a row (up to step 3)", "checkpoints/step_3")
+    assert "reward function 'flaky' raised ConnectionError: sandbox unreachable" in proc.stdout
+    lines = [json.loads(line) for line in (tmp_path / "out" / "fns" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["reward/functions_failed"] for m in lines] == [0.0, 1.0, 1.0]
+    assert lines[1]["rollout/loss_samples"] == 0.0  # nothing rewarded: nothing in the loss, never a made-up 0

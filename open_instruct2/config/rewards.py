@@ -46,6 +46,8 @@ class RewardConfig:
     """n of the repetition_penalty reward function (repeated word n-grams). New."""
     repetition_max_penalty: float = -1.0
     """repetition_penalty's reward when every n-gram repeats (0 for none; it scales linearly in between). New."""
+    reward_funcs_max_failed_steps: int = 3
+    """Stop (after saving) when every reward function failed for this many steps in a row (a failure on the first batch stops at once). New."""
 
 
 def validate_reward(rw: RewardConfig) -> None:
@@ -64,6 +66,7 @@ def validate_reward(rw: RewardConfig) -> None:
     require(rw.overlong_penalty_factor >= 0, f"--overlong_penalty_factor must be >= 0, got {rw.overlong_penalty_factor}")
     require(rw.repetition_max_penalty <= 0, f"--repetition_max_penalty must be <= 0 (a penalty), got {rw.repetition_max_penalty}")
     require(all(math.isfinite(w) for w in rw.reward_weights or []), f"--reward_weights must be finite numbers, got {rw.reward_weights}")
+    require(rw.reward_funcs_max_failed_steps >= 1, f"--reward_funcs_max_failed_steps must be >= 1, got {rw.reward_funcs_max_failed_steps}")
     require(rw.repetition_ngram_size >= 1, f"--repetition_ngram_size must be >= 1, got {rw.repetition_ngram_size}")
     require(rw.verification_reward >= 0, f"--verification_reward must be >= 0, got {rw.verification_reward}")
 

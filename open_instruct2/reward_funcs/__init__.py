@@ -85,6 +85,7 @@ class RewardFunctions:
         if failed and first:  # a broken function: say so at once, before it trains on nothing
             raise UserError(f"{failed[0]}; fix the function (it was called on the first batch of {n} completions)")
         rewards, counted, metrics, errors = combine(self.funcs, results, n)
+        metrics["reward/functions_failed"] = float(len(errors))
         if errors:
             log.warning("reward: %d reward function(s) failed on this batch and were left out; first: %s", len(errors), errors[0])
         valid = torch.tensor(counted, dtype=torch.bool)
