@@ -89,14 +89,10 @@ def print_table(metrics: dict[str, float], how: str) -> None:
 def run(cfg, model: str, is_adapter: bool) -> str:
     from .config import chat_template_kwargs, derive
     from .data import read_system_prompt, set_chat_template
-    from .evaluation import describe_sampling, evaluate, held_out_prompts
+    from .evaluation import describe_sampling, eval_batch_size, evaluate, held_out_prompts
     from .generation_model import make_generation_model
-    from .reward_funcs import load_reward_funcs
-    from .rubric_scorer import RubricScorer
-    from .rubrics import make_judges
-    from .config import judge_wanted
     from .runtime import apply_runtime, resolve_runtime
-    from .trainer import prepare_verifiers
+    from .trainer import make_rubric_scorer, prepare_rewards
 
     derived = derive(cfg)
     runtime = resolve_runtime(cfg.runtime)
@@ -107,17 +103,12 @@ def run(cfg, model: str, is_adapter: bool) -> str:
                                runtime.device.type)
     if not prompts:
         raise UserError("no evaluation data: give --dataset_mixer_eval_list SOURCE AMOUNT")
-    reward_funcs = load_reward_funcs(cfg.reward, cfg.rollout.response_length, derived.num_training_steps)
-    if reward_funcs is not None:
-        reward_funcs.check_prompts(prompts)
-    if cfg.reward.apply_verifiable_reward:
-        prepare_verifiers(prompts, cfg, reward_funcs is not None)
-    rubrics = RubricScorer(cfg.rubric, *make_judges(cfg.rubric)) if judge_wanted(cfg.rubric) else None
+    reward_funcs = prepare_rewards(prompts, cfg, derived.num_training_steps)
+    rubrics = make_rubric_scorer(cfg)
     generation = make_generation_model(cfg, runtime, policy, max(len(p.prompt_ids) for p in prompts), derived.num_training_steps)
-    batch_size = max(cfg.optim.inference_batch_size, cfg.rollout.num_unique_prompts_rollout * cfg.rollout.num_samples_per_prompt_rollout)
     log.info("evaluate: %s on %d prompts, %s, up to %d tokens each", model, len(prompts), describe_sampling(cfg), cfg.rollout.response_length)
     start = time.perf_counter()
-    metrics, records = evaluate(generation.model(), tokenizer, prompts, cfg, runtime.device, batch_size,
+    metrics, records = evaluate(generation.model(), tokenizer, prompts, cfg, runtime.device, eval_batch_size(cfg),
                                 static_width=generation.static_width, rubrics=rubrics, reward_funcs=reward_funcs, step=step_of(model))
     metrics["eval/seconds"] = time.perf_counter() - start
     os.makedirs(derived.run_dir, exist_ok=True)

@@ -86,6 +86,11 @@ def held_out_prompts(cfg: Config, tokenizer, system_prompt: str | None, template
     return prompts[: eval_max_samples(cfg, device_type)]
 
 
+def eval_batch_size(cfg: Config) -> int:
+    """Answers per generate call in an evaluation: --inference_batch_size, at least the rollout batch."""
+    return max(cfg.optim.inference_batch_size, cfg.rollout.num_unique_prompts_rollout * cfg.rollout.num_samples_per_prompt_rollout)
+
+
 def describe_sampling(cfg: Config) -> str:
     k = cfg.tracking.eval_num_samples
     return "greedy" if k == 1 else f"{k} answers each at temperature {cfg.tracking.eval_temperature or cfg.rollout.temperature:g}"
@@ -103,14 +108,14 @@ def pass_ks(n: int) -> list[int]:
 
 
 def generate_answers(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batch_size: int, static_width: int | None,
-                     step: int) -> tuple[list[str], list[str], list[int], list[list[int]]]:
+                     step: int) -> tuple[list[str], list[str], list[list[int]]]:
     """k = --eval_num_samples answers per prompt (prompt-major), batch_size answers per generate call: greedy for k = 1
     (no RNG touched), else sampled at --eval_temperature (or the training temperature) from an RNG of its own (seed +
     step), so an evaluation never moves the training's."""
     k = cfg.tracking.eval_num_samples
     temperature = cfg.tracking.eval_temperature or cfg.rollout.temperature
     per_call = max(1, batch_size // k)  # prompts per generate call
-    texts, reasons, lengths, ids = [], [], [], []
+    texts, reasons, ids = [], [], []
     with own_rng(device, cfg.experiment.seed * 1_000_003 + step, enabled=k > 1):
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start : start + per_call]
@@ -123,9 +128,8 @@ def generate_answers(policy, tokenizer, prompts: list[Prompt], cfg: Config, devi
                                   greedy=k == 1, static_width=static_width)
             texts += r.response_texts[:n]
             reasons += r.finish_reasons[:n]
-            lengths += r.response_lengths[:n].tolist()
             ids += r.response_token_ids()[:n]
-    return texts, reasons, lengths, ids
+    return texts, reasons, ids
 
 
 @contextmanager
@@ -150,7 +154,8 @@ def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batc
     eval/unscored, never averaged in as 0. Success: verifier score 1 on a row with a verifier, else a reward of at
     least --eval_success_threshold (reward functions)."""
     k = cfg.tracking.eval_num_samples
-    texts, reasons, lengths, ids = generate_answers(policy, tokenizer, prompts, cfg, device, batch_size, static_width, step)
+    texts, reasons, ids = generate_answers(policy, tokenizer, prompts, cfg, device, batch_size, static_width, step)
+    lengths = [len(x) for x in ids]
     samples = [p for p in prompts for _ in range(k)]
     thinking = [p.thinking_open for p in samples]
     rubric_scores, rubric_metrics = None, {}

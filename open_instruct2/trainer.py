@@ -28,7 +28,7 @@ from .reference import Reference, make_reference
 from . import state
 from .errors import UserError
 from .signals import StopRequest, Stopped
-from .evaluation import eval_schedule, evaluate, load_eval_prompts, write_eval_records
+from .evaluation import eval_batch_size, eval_schedule, evaluate, load_eval_prompts, write_eval_records
 from .generation_model import GenerationModel, make_generation_model
 from .memory_profile import MemoryProfiler
 from .reference_vllm import ReferenceFailure
@@ -250,9 +250,8 @@ def evaluate_if_due(run: Run, step: int) -> None:
     cfg = run.cfg
     if run.profiler is not None:
         run.profiler.phase = f"step {step} eval"
-    batch_size = max(cfg.optim.inference_batch_size, cfg.rollout.num_unique_prompts_rollout * cfg.rollout.num_samples_per_prompt_rollout)
     start = time.perf_counter()
-    metrics, records = evaluate(run.generation.model(), run.tokenizer, run.eval_prompts, cfg, run.runtime.device, batch_size,
+    metrics, records = evaluate(run.generation.model(), run.tokenizer, run.eval_prompts, cfg, run.runtime.device, eval_batch_size(cfg),
                                 static_width=run.generation.static_width, rubrics=run.rubrics, reward_funcs=run.reward_funcs, step=step)
     metrics["eval/seconds"] = time.perf_counter() - start
     run.tracker.log_eval(step, metrics)
@@ -322,11 +321,11 @@ def generate(run: Run, batch: PromptBatch) -> Rollouts:
 def score(run: Run, step: int, rollouts: Rollouts, prompts: list[Prompt]) -> Scores:
     """Verifiers, and for rubric rows the LLM judge (all of the step's calls at once; rubrics.py); then the reward
     functions, when --reward_funcs lists any (reward_funcs/: their weighted sum is the reward)."""
-    samples = [prompts[i] for i in rollouts.prompt_index]
     funcs = run.reward_funcs
     base = verify_batch(run, step, rollouts, prompts) if funcs is None or funcs.needs_base else None
     if funcs is None:
         return base
+    samples = [prompts[i] for i in rollouts.prompt_index]
     inputs = funcs.inputs(step - 1, samples, rollouts.response_texts, rollouts.response_token_ids(), rollouts.finish_reasons, rollouts.prompt_index, base)
     return funcs.score(inputs, base)
 
@@ -379,6 +378,25 @@ def make_run_dir(run_dir: str, resume: bool = False) -> str | None:
             return None
     checkpoint.remove_partial_saves(run_dir)
     return checkpoint.newest_state(run_dir)
+
+
+def prepare_rewards(prompts: list[Prompt], cfg: Config, max_steps: int) -> RewardFunctions | None:
+    """The reward functions (None without --reward_funcs), checked against every row, and the verifiers prepared."""
+    reward_funcs = load_reward_funcs(cfg.reward, cfg.rollout.response_length, max_steps)
+    if reward_funcs is not None:
+        reward_funcs.check_prompts(prompts)
+    if cfg.reward.apply_verifiable_reward:
+        prepare_verifiers(prompts, cfg, reward_funcs is not None)
+    return reward_funcs
+
+
+def make_rubric_scorer(cfg: Config) -> RubricScorer | None:
+    """The LLM-judge rubric scorer, when a judge is configured."""
+    if not judge_wanted(cfg.rubric):
+        return None
+    scorer = RubricScorer(cfg.rubric, *make_judges(cfg.rubric))
+    log.info("rubrics: judge %s at %s (key from $%s)", cfg.rubric.llm_judge_model, scorer.judge.settings.base_url, cfg.rubric.llm_judge_api_key_env)
+    return scorer
 
 
 def prepare_verifiers(prompts: list[Prompt], cfg: Config, with_reward_funcs: bool = False) -> None:
@@ -445,11 +463,7 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
         system_prompt=system_prompt, add_bos=cfg.model.add_bos, template_kwargs=template_kwargs, settings=row_settings(cfg),
     )
     eval_prompts = load_eval_prompts(cfg, tokenizer, system_prompt, template_kwargs, runtime.device.type)
-    reward_funcs = load_reward_funcs(cfg.reward, cfg.rollout.response_length, derived.num_training_steps)
-    if reward_funcs is not None:
-        reward_funcs.check_prompts(prompts + eval_prompts)
-    if cfg.reward.apply_verifiable_reward:
-        prepare_verifiers(prompts + eval_prompts, cfg, reward_funcs is not None)
+    reward_funcs = prepare_rewards(prompts + eval_prompts, cfg, derived.num_training_steps)
     log.info("data: %d prompts%s", len(prompts), f", {len(eval_prompts)} held out for evaluation" if eval_prompts else "")
     policy = load_policy(cfg, runtime)
     master = MasterWeights(trainable_parameters(policy))
@@ -499,11 +513,7 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
     run = Run(cfg, derived, runtime, tokenizer, prompts, PromptSampler(len(prompts), cfg.experiment.seed), policy, reference,
               master, optimizer, scheduler, tracker, eval_prompts, eval_schedule(derived.num_training_steps, derived.num_evals)
               if eval_prompts else set(), profiler)
-    run.reward_funcs = reward_funcs
-    if judge_wanted(cfg.rubric):
-        run.rubrics = RubricScorer(cfg.rubric, *make_judges(cfg.rubric))
-        log.info("rubrics: judge %s at %s (key from $%s)", cfg.rubric.llm_judge_model, run.rubrics.judge.settings.base_url,
-                 cfg.rubric.llm_judge_api_key_env)
+    run.reward_funcs, run.rubrics = reward_funcs, make_rubric_scorer(cfg)
     if resume_from:
         run.start_step = state.restore(run, resume_from)
         log.info("resume: continuing %s from step %d (state %s)", derived.run_dir, run.start_step, resume_from)

@@ -83,6 +83,16 @@ def event_loop() -> asyncio.AbstractEventLoop:
     return _loop
 
 
+def _outcome(f: RewardFunction, returned, n: int) -> list[float | None] | RewardFunctionError:
+    """What a call returned, checked, or the exception it raised, as the error naming the function."""
+    if isinstance(returned, BaseException):
+        return RewardFunctionError(f"reward function {f.name!r} raised {_describe(returned)}")
+    try:
+        return _check(f.name, returned, n)
+    except RewardFunctionError as e:
+        return e
+
+
 def call_all(funcs: list[RewardFunction], inputs: dict, n: int) -> dict[str, list[float | None] | RewardFunctionError]:
     """name -> values, or the error that function's call ended in (sync ones in order, async ones together)."""
     out: dict[str, list[float | None] | RewardFunctionError] = {}
@@ -90,11 +100,10 @@ def call_all(funcs: list[RewardFunction], inputs: dict, n: int) -> dict[str, lis
         if f.is_async:
             continue
         try:
-            out[f.name] = _check(f.name, f.fn(**_kwargs(f, inputs)), n)
-        except RewardFunctionError as e:
-            out[f.name] = e
+            returned = f.fn(**_kwargs(f, inputs))
         except Exception as e:  # noqa: BLE001 - a user's function may raise anything: counted, named
-            out[f.name] = RewardFunctionError(f"reward function {f.name!r} raised {_describe(e)}")
+            returned = e
+        out[f.name] = _outcome(f, returned, n)
     asynchronous = [f for f in funcs if f.is_async]
     if asynchronous:
         async def one(f: RewardFunction):
@@ -103,14 +112,8 @@ def call_all(funcs: list[RewardFunction], inputs: dict, n: int) -> dict[str, lis
         async def gather():
             return await asyncio.gather(*(one(f) for f in asynchronous), return_exceptions=True)
 
-        for f, values in zip(asynchronous, asyncio.run_coroutine_threadsafe(gather(), event_loop()).result()):
-            if isinstance(values, BaseException):
-                out[f.name] = RewardFunctionError(f"reward function {f.name!r} raised {_describe(values)}")
-                continue
-            try:
-                out[f.name] = _check(f.name, values, n)
-            except RewardFunctionError as e:
-                out[f.name] = e
+        for f, returned in zip(asynchronous, asyncio.run_coroutine_threadsafe(gather(), event_loop()).result()):
+            out[f.name] = _outcome(f, returned, n)
     return {f.name: out[f.name] for f in funcs}
 
 
