@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .bootstrap import is_builtin, load_builtin_dataset
-from .config import parse_mixer
+from .config import LOCAL_SUFFIXES, parse_mixer
 from .errors import DataError
 from .verifiers import opens_thinking
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 # Named chat templates for tokenizers without one (or to override it): --chat_template_name.
@@ -336,10 +335,10 @@ def build_prompts(
 ) -> list[Prompt]:
     """Load, validate and tokenise the mix; drop prompts over the length limit (counted in the log)."""
     prompts, too_long, formats = [], 0, {}
+    settings = settings or RowSettings()
     thinking = generation_prompt_opens_thinking(tokenizer, template_kwargs)
     for source, row_number, row in mix(mixer_list, splits, flag):
         where = f"{source} row {row_number}"
-        settings = settings or RowSettings()
         if source not in formats:
             formats[source] = detect_format(row, where, settings.prompt_column)
             extra = sorted(set(row) - {"messages", settings.prompt_column}) if isinstance(row, dict) else []

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from .base import BUILTIN_MODEL, SECRET_FIELDS, _require, documented, require
 from .checks import check_output_dir, check_run_dir_free, validate, validate_across_groups, validate_run_folder
 from .core import GROUPS, NOT_AVAILABLE_YET, Config, Derived, apply_smoke_test, check_not_available, default_config, derive, group_of
-from .data import DataConfig, check_data_inputs, parse_mixer, validate_data
+from .data import LOCAL_SUFFIXES, DataConfig, check_data_inputs, parse_mixer, validate_data
 from .experiment import ExperimentConfig, MemoryProfileConfig, validate_experiment, validate_memory
 from .model import LoraConfig, ModelConfig, chat_template_kwargs, validate_lora, validate_model
 from .optim import OptimConfig, validate_optim
@@ -39,7 +39,7 @@ __all__ = [
     "SECRET_FIELDS", "STEPS_PER_DEFAULT_EVAL", "Config", "ConfigError", "DataConfig", "Derived", "ExperimentConfig", "LoraConfig",
     "MemoryProfileConfig", "ModelConfig", "OptimConfig", "ReferenceConfig", "RewardConfig", "RolloutConfig", "RubricConfig",
     "RuntimeConfig", "TrackingConfig", "apply_smoke_test", "chat_template_kwargs", "check_data_inputs", "check_not_available", "check_output_dir",
-    "check_reward_inputs", "check_run_dir_free", "default_config", "derive", "documented", "eval_max_samples", "group_of", "judge_wanted", "parse_mixer",
+    "LOCAL_SUFFIXES", "check_reward_inputs", "check_run_dir_free", "default_config", "derive", "documented", "eval_max_samples", "group_of", "judge_wanted", "parse_mixer",
     "require", "validate", "validate_across_groups", "validate_data", "validate_experiment", "validate_judge", "validate_lora",
     "validate_memory", "validate_model", "validate_optim", "validate_reference", "validate_reward", "validate_rollout",
     "validate_run_folder", "validate_runtime", "validate_tracking",

@@ -11,6 +11,10 @@ from ..errors import ConfigError
 from .base import documented, require, require_positive
 
 
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+"""The files a data source may be (data.load_rows reads them; validation checks that they exist)."""
+
+
 @documented("data")
 class DataConfig:
     dataset_mixer_list: list[str] = field(default_factory=lambda: ["builtin:arithmetic", "1.0"])
@@ -66,7 +70,7 @@ def check_data_inputs(data: DataConfig) -> None:
     for flag, (values, splits) in {"dataset_mixer_list": (data.dataset_mixer_list, data.dataset_mixer_list_splits),
                                    "dataset_mixer_eval_list": (data.dataset_mixer_eval_list, data.dataset_mixer_eval_list_splits)}.items():
         for source, _, _ in parse_mixer(values, splits, flag):
-            if source.endswith((".jsonl", ".json", ".parquet", ".csv")):
+            if source.endswith(LOCAL_SUFFIXES):
                 require(os.path.isfile(source), f"--{flag}: file {source!r} not found; check the path")
     if data.system_prompt_file is not None:
         require(os.path.isfile(data.system_prompt_file), f"--system_prompt_file {data.system_prompt_file!r} not found; check the path")
