@@ -302,7 +302,7 @@ def test_the_eval_table_and_the_failure_streaks_survive_a_resume(tmp_path, tiny_
     poisoned.add(2)
     stopped_after(tiny_config(tmp_path, tiny_model_dir, run_name="r", **common), 2)
     meta = json.loads((tmp_path / "out" / "r" / "checkpoints" / "step_2" / "training_state.json").read_text())
-    assert meta["streaks"] == {"nonfinite": 1, "judge": 0} and [s for s, _ in meta["evals"]] == [0]  # step 2's comes after its save
+    assert meta["streaks"] == {"nonfinite": 1, "judge": 0, "reward": 0} and [s for s, _ in meta["evals"]] == [0]  # step 2's comes after its save
     step_of["n"], poisoned = 2, {3}  # the resumed run's first step (3) is non-finite too: 2 in a row
     with pytest.raises(UserError, match=r"2 steps in a row \(up to step 3\) had a non-finite loss"):
         trainer.train(tiny_config(tmp_path, tiny_model_dir, run_name="r", **common))
