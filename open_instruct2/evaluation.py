@@ -165,7 +165,7 @@ def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batc
         rubric_scores, calls = rubrics.score_each([q for q, _ in parsed], [items for _, items in parsed], answers)
         rubric_metrics = {"eval/judge_calls": calls["calls"], "eval/judge_failures": calls["failures"]}
     scores = compute_scores(texts, reasons, [p.verifiers for p in samples], [p.ground_truth for p in samples], cfg.reward,
-                            rubric_scores, thinking)
+                            rubric_scores, thinking, lengths, cfg.rollout.response_length)
     scores.rubric_scores = rubric_scores
     if reward_funcs is not None:
         group_index = [i // k for i in range(len(samples))]

@@ -10,6 +10,13 @@ backward pass: 4 bytes per logit on top of the logits themselves, and another co
 the forward and backward work through the logits in chunks of rows, keep only the logits and the (B, T)
 log-normaliser, and recompute each chunk's softmax in the backward: the extra memory is one chunk.
 Checked against autograd in float64 (tests/test_logprobs.py).
+
+`token_logprobs_entropy` gives the entropy at the same temperature from the same chunks,
+
+    H[b, t] = logsumexp_v z - sum_v p_v z_v,   p = softmax(z),   dH/dz = -p (log p + H),
+
+at the cost of one more exp over each chunk (the softmax); its backward runs only when the entropy has a
+gradient (an entropy bonus), and costs one more multiply-add per logit then.
 """
 
 import torch
@@ -64,3 +71,53 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) ->
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return _TokenLogprobs.apply(logits, targets, float(temperature))
+
+
+class _TokenLogprobsEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)  # an entropy used only as a metric has no gradient: its backward share is skipped
+        flat = logits.reshape(-1, logits.shape[-1])  # (B*T, V)
+        index = targets.reshape(-1, 1)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        out = torch.empty(flat.shape[0], dtype=dtype, device=logits.device)  # (B*T,)
+        lse, entropy = torch.empty_like(out), torch.empty_like(out)
+        for rows in _chunks(flat.shape[0], flat.shape[1]):
+            z = flat[rows].to(dtype) / temperature  # (c, V)
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            out[rows] = z.gather(-1, index[rows]).squeeze(-1) - lse[rows]
+            entropy[rows] = lse[rows] - (torch.exp(z - lse[rows].unsqueeze(-1)) * z).sum(dim=-1)
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.temperature = temperature
+        return out.view(targets.shape), entropy.view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logprobs: Tensor | None, grad_entropy: Tensor | None):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        if grad_logprobs is None and grad_entropy is None:
+            return None, None, None
+        temperature = ctx.temperature
+        flat = logits.reshape(-1, logits.shape[-1])
+        index = targets.reshape(-1, 1)
+        g_lp = None if grad_logprobs is None else grad_logprobs.reshape(-1, 1).to(lse.dtype)  # (B*T, 1)
+        g_h = None if grad_entropy is None else grad_entropy.reshape(-1, 1).to(lse.dtype)
+        grad = torch.empty_like(flat)
+        for rows in _chunks(flat.shape[0], flat.shape[1]):
+            z = flat[rows].to(lse.dtype) / temperature
+            log_p = z - lse[rows].unsqueeze(-1)  # (c, V)
+            softmax = torch.exp(log_p)
+            g = torch.zeros_like(softmax)
+            if g_h is not None:  # dH/dz = -p (log p + H)
+                g -= softmax * (log_p + entropy[rows].unsqueeze(-1)) * g_h[rows]
+            if g_lp is not None:  # d logp_y / dz = onehot(y) - p
+                g -= softmax * g_lp[rows]
+                g.scatter_add_(-1, index[rows], g_lp[rows])
+            grad[rows] = g.div_(temperature).to(grad.dtype)
+        return grad.view(logits.shape), None, None
+
+
+def token_logprobs_entropy(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """logits (B, T, V), targets (B, T) -> ((B, T) log-probs, (B, T) entropies), both fp32 at `temperature`."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return _TokenLogprobsEntropy.apply(logits, targets, float(temperature))

@@ -1,4 +1,4 @@
-"""GRPO math as pure tensor functions: advantages, KL estimators, clipped policy loss, aggregation.
+"""GRPO math as pure tensor functions: advantages, KL estimators, policy-loss variants, entropy, aggregation.
 
 Nothing here reads a config, logs, or calls `.item()`; every function takes tensors and plain values and
 returns new tensors. Shapes: N = samples in a rollout batch, G = samples per prompt, B = sequences in a
@@ -7,10 +7,11 @@ micro-batch, T = response tokens (padded).
 Simplifications and choices, for a reader comparing with other trainers:
 - Group std is the population std (ddof=0), as open-instruct computes it with numpy; TRL uses ddof=1.
 - KL is a per-token penalty added to the loss (not folded into the reward), as in open-instruct and TRL.
-- Variants (KL estimator, advantage normalisation, loss aggregation) are chosen by name from the dicts
+- Variants (policy loss, KL estimator, advantage normalisation, loss aggregation) are chosen by name from the dicts
   below; the config's allowed values are these dicts' keys.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,9 +57,19 @@ def advantages_centered(rewards: Tensor, group_size: int, valid: Tensor | None =
     return (grouped - mean).reshape(-1)
 
 
+def advantages_batch(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+    """(r - group mean) / (batch std + 1e-8): the std of every valid reward of the batch (population), as TRL's
+    scale_rewards="batch" (which takes ddof=1); a group of rare signal keeps its size. rewards (N,) -> (N,)."""
+    grouped, mean, _ = _group_stats(rewards, group_size, valid)
+    ok = _valid(rewards, valid)
+    std = rewards[ok].std(unbiased=False) if ok.sum() > 1 else rewards.new_zeros(())
+    return ((grouped - mean) / (std + 1e-8)).reshape(-1)
+
+
 ADVANTAGE_NORMALIZATIONS: dict[str, Callable[[Tensor, int, Tensor | None], Tensor]] = {
     "standard": advantages_standard,
     "centered": advantages_centered,
+    "batch": advantages_batch,
 }
 
 
@@ -188,6 +199,87 @@ def importance_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, response_
     return torch.exp(log_ratio.clamp(max=limit)), capped
 
 
+# ---------------------------------------------------------------- policy-loss variants
+# Each takes the policy's log-probs (B, T, with gradients), the old ones (B, T), advantages (B, 1), the response
+# mask (B, T) and the settings, and returns (per-token policy-gradient loss (B, T), cut (B, T) bool: the tokens
+# whose gradient the variant bounded, logged as train/clip_fraction). r = exp(logp - old_logp), A the advantage.
+
+
+@dataclass(frozen=True)
+class PolicyLossSettings:
+    """The knobs the variants read (--clip_lower, --clip_higher, --clip_ratio_c, --sapo_temperature_*)."""
+
+    clip_lower: float = 0.2
+    clip_higher: float = 0.2
+    clip_ratio_c: float = 0.0
+    """Dual clip bound c > 1 for A < 0 (0: off)."""
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+
+
+def clip_loss(logprobs: Tensor, old_logprobs: Tensor, adv: Tensor, mask: Tensor, s: PolicyLossSettings) -> tuple[Tensor, Tensor]:
+    """PPO/GRPO: max(-A r, -A clip(r, 1 - clip_lower, 1 + clip_higher)); with dual clip (clip_ratio_c = c), for
+    A < 0 also at most -c A (verl's clip_ratio_c: a bound on the loss, not TRL's `delta`, which caps r itself)."""
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    unclipped, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1.0 - s.clip_lower, 1.0 + s.clip_higher)
+    per_token = torch.maximum(unclipped, clipped)
+    if s.clip_ratio_c > 0:
+        per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * s.clip_ratio_c), per_token)
+    return per_token, clipped > unclipped
+
+
+def gspo_loss(logprobs: Tensor, old_logprobs: Tensor, adv: Tensor, mask: Tensor, s: PolicyLossSettings) -> tuple[Tensor, Tensor]:
+    """GSPO (Zheng et al. 2025), token form: s_i = exp(mean over the response of (logp - old_logp)), one ratio per
+    sequence, clipped to [1 - clip_lower, 1 + clip_higher]; every token carries s_i = sg(s_i) * p_t / sg(p_t), so the
+    value is the sequence's and the gradient flows through each token (sequence_mean aggregation gives GSPO's)."""
+    m = mask.to(logprobs.dtype)
+    log_seq = ((logprobs - old_logprobs) * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1)  # (B, 1)
+    ratio = torch.exp(log_seq.detach() + logprobs - logprobs.detach())  # (B, T): s_i in value, per-token gradient
+    unclipped, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1.0 - s.clip_lower, 1.0 + s.clip_higher)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def cispo_loss(logprobs: Tensor, old_logprobs: Tensor, adv: Tensor, mask: Tensor, s: PolicyLossSettings) -> tuple[Tensor, Tensor]:
+    """CISPO (MiniMax-M1): -sg(min(r, eps_max)) A logp, eps_max = clip_higher (a ratio bound such as 5): the weight
+    is clipped and detached, the gradient is REINFORCE's, so a capped token still gets one."""
+    ratio = torch.exp(logprobs - old_logprobs).detach()
+    return -torch.clamp(ratio, max=s.clip_higher) * adv * logprobs, ratio > s.clip_higher
+
+
+def sapo_loss(logprobs: Tensor, old_logprobs: Tensor, adv: Tensor, mask: Tensor, s: PolicyLossSettings) -> tuple[Tensor, Tensor]:
+    """SAPO (soft adaptive policy optimisation): -(4 / tau) sigmoid(tau (r - 1)) A, tau = sapo_temperature_pos for
+    A > 0 and sapo_temperature_neg for A < 0: a soft gate instead of a hard clip (its gradient is r's at r = 1 and
+    decays smoothly away from it). cut: tokens whose gate weight 4 sigmoid' fell below 1/2 (no hard clip)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    tau = torch.where(adv > 0, s.sapo_temperature_pos, s.sapo_temperature_neg)  # (B, 1)
+    gate = torch.sigmoid(tau * (ratio - 1.0))  # (B, T)
+    weight = 4 * gate.detach() * (1 - gate.detach())  # d(gate * 4 / tau) / dr, 1 at r = 1
+    return -(4.0 / tau) * gate * adv, weight < 0.5
+
+
+POLICY_LOSSES: dict[str, Callable[[Tensor, Tensor, Tensor, Tensor, PolicyLossSettings], tuple[Tensor, Tensor]]] = {
+    "clip": clip_loss,
+    "gspo": gspo_loss,
+    "cispo": cispo_loss,
+    "sapo": sapo_loss,
+}
+
+
+# ---------------------------------------------------------------- entropy
+
+
+def top_entropy_mask(entropy: Tensor, response_mask: Tensor, quantile: float) -> Tensor:
+    """(B, T) bool: the top `quantile` fraction of the valid tokens by entropy (ties at the threshold included),
+    the forking tokens of "Beyond the 80/20 rule" (Wang et al. 2025). quantile 1: every valid token."""
+    valid = response_mask.bool()
+    if quantile >= 1.0 or not valid.any():
+        return valid
+    values = entropy[valid]
+    k = max(1, math.ceil(quantile * values.numel()))
+    threshold = torch.topk(values, k).values.min()
+    return valid & (entropy >= threshold)
+
+
 # ---------------------------------------------------------------- the GRPO loss
 
 
@@ -208,12 +300,18 @@ def grpo_loss(
     importance_cap: float = 0.0,
     importance_level: str = "token",
     kl_logprobs: Tensor | None = None,
+    policy_loss: str = "clip",
+    clip_ratio_c: float = 0.0,
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+    pg_token_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate plus beta * KL, aggregated by name.
+    """Policy-gradient loss (the `policy_loss` variant) plus beta * KL minus entropy_coef * entropy, aggregated by name.
 
     logprobs (B, T) carry gradients; old_logprobs, ref_logprobs (B, T) and advantages (B,) do not;
     response_mask (B, T) is 1 on sampled response tokens. Metrics are detached SUMS over the valid tokens
-    (policy_loss, clip_fraction, ratio, kl): the caller adds them over micro-batches and divides by the
+    (policy_loss, clip_fraction, ratio, kl, entropy): the caller adds them over micro-batches and divides by the
     tokens it computed, so a logged metric is a plain token mean whatever the loss aggregation; a name
     ending in _max is a maximum instead.
 
@@ -224,21 +322,26 @@ def grpo_loss(
     kl_logprobs (B, T), with gradients: the policy's log-probs at the temperature ref_logprobs were taken at, when
     that is not the sampling temperature (a reference served at temperature 1); the KL term compares those, the
     ratio and the policy gradient stay on `logprobs`. None: logprobs.
+
+    entropy (B, T): the policy's per-token entropy at the sampling temperature (with gradients when entropy_coef is
+    not 0); pg_token_mask (B, T) bool: the tokens that carry the policy-gradient term (--top_entropy_quantile; the KL
+    and entropy terms stay on every token). None: all of them.
     """
     # Outside the mask inputs may be garbage (padding): zero them before any exp, so inf * 0 can't be nan.
     mask = response_mask.bool()
     logprobs = torch.where(mask, logprobs, 0.0)
     old_logprobs = torch.where(mask, old_logprobs, 0.0)
-    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T) the token ratio, for the metrics and kl4
+    settings = PolicyLossSettings(clip_lower, clip_higher, clip_ratio_c, *sapo_temperatures)
     adv = advantages.unsqueeze(1)  # (B, 1)
-    unclipped = -adv * ratio  # (B, T)
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_lower, 1.0 + clip_higher)  # (B, T)
-    per_token = torch.maximum(unclipped, clipped)  # (B, T)
+    per_token, cut = _pick(POLICY_LOSSES, policy_loss, "policy loss")(logprobs, old_logprobs, adv, response_mask, settings)  # (B, T)
     valid = response_mask.to(per_token.dtype)  # (B, T)
-    metrics = {
-        "clip_fraction": ((clipped > unclipped).float() * valid).sum(),
-        "ratio": (ratio.detach() * valid).sum(),
-    }
+    metrics = {"clip_fraction": (cut.float() * valid).sum(), "ratio": (ratio.detach() * valid).sum()}
+    if clip_ratio_c > 0:  # the tokens the dual bound -c A held (A < 0, r > c)
+        metrics["dual_clip_fraction"] = ((adv < 0) & (ratio.detach() > clip_ratio_c)).float().mul(valid).sum()
+    if pg_token_mask is not None:
+        per_token = per_token * pg_token_mask.to(per_token.dtype)
+        metrics["pg_token_fraction"] = (pg_token_mask.float() * valid).sum()
     if sampler_logprobs is not None:  # the sampler's own log-probs: truncated importance weights (detached)
         sampler_logprobs = torch.where(mask, sampler_logprobs, 0.0)
         weights, capped = importance_weights(old_logprobs.detach(), sampler_logprobs, response_mask, importance_cap, importance_level)
@@ -253,6 +356,11 @@ def grpo_loss(
         kl = _pick(KL_ESTIMATORS, kl_estimator, "KL estimator")(kl_side, ref_logprobs, ratio)  # (B, T)
         per_token = per_token + beta * kl
         metrics["kl"] = (kl.detach() * valid).sum()
+    if entropy is not None:
+        entropy = torch.where(mask, entropy, 0.0)
+        metrics["entropy"] = (entropy.detach() * valid).sum()
+        if entropy_coef != 0.0:
+            per_token = per_token - entropy_coef * entropy
     loss = aggregate(per_token, response_mask, norm, aggregation)
     return loss, metrics
 

@@ -20,7 +20,7 @@ from torch import nn
 from .bootstrap import resolve_model_path
 from .config import Config
 from .errors import UserError
-from .logprobs import token_logprobs
+from .logprobs import token_logprobs, token_logprobs_entropy
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -128,13 +128,14 @@ def response_logprobs(
     prompt_width .. L-1. Returns (B, L - prompt_width) fp32: entry t is log p_T(input_ids[:, P + t] | prefix).
     Padding columns get finite garbage: callers multiply by the response mask.
     """
-    return response_logprobs_at(model, input_ids, attention_mask, prompt_width, (temperature,))[0]
+    return response_logprobs_at(model, input_ids, attention_mask, prompt_width, (temperature,))[0][0]
 
 
 def response_logprobs_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
-                         temperatures: tuple[float, ...]) -> list[torch.Tensor]:
+                         temperatures: tuple[float, ...], entropy: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """response_logprobs at each of `temperatures`, from one forward pass (each is one more chunked log-softmax of
-    the same logits): the KL term against a reference served at temperature 1 needs the policy there too."""
+    the same logits): the KL term against a reference served at temperature 1 needs the policy there too. With
+    `entropy`, also the (B, T) per-token entropy at temperatures[0], from the same chunks as its log-probs."""
     response_width = input_ids.shape[1] - prompt_width
     out = model(
         input_ids=input_ids,
@@ -145,7 +146,10 @@ def response_logprobs_at(model: nn.Module, input_ids: torch.Tensor, attention_ma
     )
     logits = out.logits[:, :-1, :]  # (B, T, V) in the model's dtype: column P-1+t predicts token P+t
     targets = input_ids[:, prompt_width:]  # (B, T)
-    return [token_logprobs(logits, targets, t) for t in temperatures]  # each (B, T) fp32
+    if not entropy:
+        return [token_logprobs(logits, targets, t) for t in temperatures], None  # each (B, T) fp32
+    first, entropies = token_logprobs_entropy(logits, targets, temperatures[0])
+    return [first] + [token_logprobs(logits, targets, t) for t in temperatures[1:]], entropies
 
 
 class MasterWeights:

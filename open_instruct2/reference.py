@@ -12,7 +12,7 @@ import torch
 
 from .config import Config
 from .errors import ConfigError
-from .policy import load_model, response_logprobs
+from .policy import load_model, response_logprobs_at
 from .rollout import Rollouts
 from .runtime import Runtime
 
@@ -40,16 +40,26 @@ def by_length(rollouts: Rollouts, rows: list[int]) -> list[int]:
 def batched_logprobs(model, rollouts: Rollouts, rows: list[int], batch_size: int, temperature: float) -> torch.Tensor:
     """No-grad log-probs of `rows` in batches sorted by length, as (len(rows), T) aligned with the
     response mask (zero outside each response), in the order of `rows`."""
+    return batched_forward(model, rollouts, rows, batch_size, temperature)[0]
+
+
+def batched_forward(model, rollouts: Rollouts, rows: list[int], batch_size: int, temperature: float,
+                    entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """batched_logprobs, and with `entropy` the per-token entropies (len(rows), T) from the same pass (else None)."""
     out = torch.zeros(len(rows), rollouts.response_mask.shape[1], device=rollouts.input_ids.device)
+    entropies = torch.zeros_like(out) if entropy else None
     position = {r: i for i, r in enumerate(rows)}
     ordered = by_length(rollouts, rows)
     with torch.no_grad():
         for start in range(0, len(ordered), batch_size):
             chunk = ordered[start : start + batch_size]
             part = rollouts.rows(chunk)
-            values = response_logprobs(model, part.input_ids, part.attention_mask, part.prompt_width, temperature)  # (b, t)
-            out[[position[r] for r in chunk], : values.shape[1]] = values * part.response_mask
-    return out
+            (values,), h = response_logprobs_at(model, part.input_ids, part.attention_mask, part.prompt_width, (temperature,), entropy)  # (b, t)
+            at = [position[r] for r in chunk]
+            out[at, : values.shape[1]] = values * part.response_mask
+            if entropy:
+                entropies[at, : h.shape[1]] = h * part.response_mask
+    return out, entropies
 
 
 class InProcessReference:

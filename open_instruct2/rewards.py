@@ -52,6 +52,14 @@ class Scores:
     """--reward_funcs: name -> (N,) what each function returned (None: not applicable, or its call failed)."""
 
 
+def soft_overlong_penalty(length: int, max_length: int, buffer: int, factor: float) -> float:
+    """DAPO eq. 13, scaled by factor: 0, then linear to -factor at max_length (and past it)."""
+    start = max_length - buffer
+    if length <= start:
+        return 0.0
+    return -factor * min(length - start, buffer) / buffer
+
+
 def format_score(text: str) -> float:
     return 1.0 if R1_FORMAT.match(text) else 0.0
 
@@ -85,8 +93,12 @@ def compute_scores(
     cfg: RewardConfig,
     rubric_scores: list[float | None] | None = None,
     thinking_open: list[bool] | None = None,
+    response_lengths: list[int] | None = None,
+    response_length: int = 0,
 ) -> Scores:
-    """thinking_open: per sample, whether its prompt opened a <think> block (verifiers.final_answer); None: none did."""
+    """thinking_open: per sample, whether its prompt opened a <think> block (verifiers.final_answer); None: none did.
+    response_lengths (tokens) and the configured response_length: DAPO's soft overlong punishment, added to the reward
+    when --overlong_buffer_len is set without --reward_funcs (with them, the soft_overlong function adds it)."""
     n = len(texts)
     verifier_scores, errors, first_error = torch.zeros(n), 0, None
     valid = torch.ones(n, dtype=torch.bool)
@@ -125,5 +137,10 @@ def compute_scores(
         truncated = torch.tensor([r == "length" for r in finish_reasons])
         rewards = torch.where(truncated, torch.full_like(rewards, cfg.non_stop_penalty_value), rewards)
         breakdown["non_stop_penalized"] = truncated.float()
+    if cfg.overlong_buffer_len > 0 and not cfg.reward_funcs and response_lengths is not None:
+        overlong = torch.tensor([soft_overlong_penalty(n, response_length, cfg.overlong_buffer_len, cfg.overlong_penalty_factor)
+                                 for n in response_lengths])
+        rewards = rewards + overlong
+        breakdown["soft_overlong"] = overlong
     return Scores(rewards=rewards, breakdown=breakdown, verifier_scores=verifier_scores, verifier_errors=errors,
                   valid=None if bool(valid.all()) else valid)

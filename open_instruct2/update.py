@@ -24,7 +24,11 @@ Which samples count, and why (for a reader comparing trainers):
 - The KL term takes the policy's log-probs at the reference's temperature: the sampling one, or 1 for a vLLM
   endpoint started without the temperature plugin (reference_vllm.py); then the micro-batch's one forward pass gives
   both (one more log-softmax of the same logits).
-- Metrics are token means over the computed tokens, summed on the device and read once per step.
+- Metrics are token means over the computed tokens, summed on the device and read once per step. train/entropy
+  comes from the same chunked pass as the log-probs (logprobs.token_logprobs_entropy).
+- --top_entropy_quantile picks each mini-batch's high-entropy tokens by the entropy of the policy before the update
+  (the one that sampled them), from the old log-probs pass (made for it when the update is on-policy), so which
+  tokens carry the policy gradient depends neither on the micro-batch size nor on the epoch.
 """
 
 from collections import defaultdict
@@ -34,9 +38,9 @@ import numpy as np
 import torch
 
 from .config import Config
-from .losses import LossNorm, grpo_loss, zero_std_groups
+from .losses import LossNorm, grpo_loss, top_entropy_mask, zero_std_groups
 from .policy import response_logprobs_at
-from .reference import batched_logprobs, by_length
+from .reference import batched_forward, by_length
 from .rollout import Rollouts
 
 
@@ -84,12 +88,15 @@ def update_policy(run, rollouts: Rollouts, advantages: torch.Tensor, ref_logprob
     if not selected.computed:
         return {"train/optimizer_steps": 0.0}
     temperature = cfg.rollout.temperature
-    old_logprobs = None
-    if not (cfg.optim.num_epochs == 1 and cfg.optim.num_mini_batches == 1):
+    old_logprobs = old_entropy = None
+    on_policy = cfg.optim.num_epochs == 1 and cfg.optim.num_mini_batches == 1
+    forking = cfg.optim.top_entropy_quantile < 1.0
+    if not on_policy or forking:
         run.policy.eval()  # no dropout either way (policy.py); eval skips gradient checkpointing in a no-grad pass
-        old = batched_logprobs(run.policy, rollouts, selected.computed, cfg.optim.inference_batch_size, temperature)
+        old, entropy = batched_forward(run.policy, rollouts, selected.computed, cfg.optim.inference_batch_size, temperature, forking)
         run.policy.train()
-        old_logprobs = on_rows(rollouts, selected.computed, old)
+        old_logprobs = None if on_policy else on_rows(rollouts, selected.computed, old)
+        old_entropy = None if entropy is None else on_rows(rollouts, selected.computed, entropy)
     computed = set(selected.computed)
     sums = defaultdict(lambda: torch.zeros((), device=device))
     steps = 0
@@ -103,8 +110,10 @@ def update_policy(run, rollouts: Rollouts, advantages: torch.Tensor, ref_logprob
             norm = LossNorm(
                 num_tokens=int(rollouts.response_mask[mini].sum()), num_sequences=len(mini), max_response_length=cfg.rollout.response_length
             )
+            pg_tokens = None if old_entropy is None else on_rows(
+                rollouts, work, top_entropy_mask(old_entropy[work], rollouts.response_mask[work], cfg.optim.top_entropy_quantile)).bool()
             backward_mini_batch(run.policy, run.master, rollouts, work, norm, advantages, old_logprobs, ref_logprobs, cfg, sums,
-                                kl_temperature=temperature if run.reference is None else run.reference.temperature)
+                                kl_temperature=temperature if run.reference is None else run.reference.temperature, pg_tokens=pg_tokens)
             grad_norm = optimizer_step(run)
             if grad_norm is None:
                 sums["nonfinite_updates"] += 1
@@ -130,13 +139,15 @@ def update_policy(run, rollouts: Rollouts, advantages: torch.Tensor, ref_logprob
 
 
 def backward_mini_batch(model, master, rollouts: Rollouts, rows: list[int], norm: LossNorm, advantages, old_logprobs,
-                        ref_logprobs, cfg: Config, sums: dict, kl_temperature: float | None = None) -> None:
+                        ref_logprobs, cfg: Config, sums: dict, kl_temperature: float | None = None,
+                        pg_tokens: torch.Tensor | None = None) -> None:
     """Accumulate the gradient of one mini-batch's `rows` in micro-batches of per_device_train_batch_size.
 
     `norm` counts the whole mini-batch (computed or not), so the gradient depends neither on the
     micro-batch size nor on which rows were skipped. Metric sums are added into `sums` on the device.
     kl_temperature: the reference log-probs' temperature, when it is not the sampling one (the KL term takes the
-    policy's log-probs there too, from the same forward pass).
+    policy's log-probs there too, from the same forward pass). pg_tokens (N, T) bool: the tokens that carry the
+    policy-gradient term (--top_entropy_quantile); None: all.
     """
     size = cfg.optim.per_device_train_batch_size
     temperature = cfg.rollout.temperature
@@ -146,8 +157,10 @@ def backward_mini_batch(model, master, rollouts: Rollouts, rows: list[int], norm
         chunk = ordered[start : start + size]
         part = rollouts.rows(chunk)
         temperatures = (temperature, kl_temperature) if kl_apart else (temperature,)
-        logprobs, *kl_logprobs = response_logprobs_at(model, part.input_ids, part.attention_mask, part.prompt_width, temperatures)  # (b, t)
+        (logprobs, *kl_logprobs), entropy = response_logprobs_at(model, part.input_ids, part.attention_mask, part.prompt_width,
+                                                                 temperatures, entropy=True)  # each (b, t)
         width = logprobs.shape[1]
+        op = cfg.optim
         loss, metrics = grpo_loss(
             logprobs,
             logprobs.detach() if old_logprobs is None else old_logprobs[chunk, :width],
@@ -155,15 +168,21 @@ def backward_mini_batch(model, master, rollouts: Rollouts, rows: list[int], norm
             advantages[chunk],
             part.response_mask,
             norm,
-            clip_lower=cfg.optim.clip_lower,
-            clip_higher=cfg.optim.clip_higher,
-            beta=cfg.optim.beta,
-            kl_estimator=cfg.optim.kl_estimator,
-            aggregation=cfg.optim.loss_aggregation,
+            clip_lower=op.clip_lower,
+            clip_higher=op.clip_higher,
+            beta=op.beta,
+            kl_estimator=op.kl_estimator,
+            aggregation=op.loss_aggregation,
             sampler_logprobs=None if rollouts.sampler_logprobs is None else rollouts.sampler_logprobs[chunk, :width],
             importance_cap=cfg.rollout.importance_sampling_cap,
             importance_level=cfg.rollout.importance_sampling_level,
             kl_logprobs=kl_logprobs[0] if kl_logprobs else None,
+            policy_loss=op.policy_loss,
+            clip_ratio_c=op.clip_ratio_c,
+            sapo_temperatures=(op.sapo_temperature_pos, op.sapo_temperature_neg),
+            entropy=entropy if op.entropy_coef else entropy.detach(),
+            entropy_coef=op.entropy_coef,
+            pg_token_mask=None if pg_tokens is None else pg_tokens[chunk, :width],
         )
         loss.backward()
         master.accumulate()  # low-precision gradients summed in fp32

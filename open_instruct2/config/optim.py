@@ -3,7 +3,7 @@ read only them. num_mini_batches against the rollout batch, beta against the ref
 
 from typing import Literal
 
-from ..losses import ADVANTAGE_NORMALIZATIONS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+from ..losses import ADVANTAGE_NORMALIZATIONS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from .base import documented, require, require_positive
 
 
@@ -33,14 +33,26 @@ class OptimConfig:
     """Optimizer steps per pass; the rollout batch must divide evenly."""
     beta: float = 0.05
     """KL penalty coefficient (0 disables the reference model entirely)."""
+    policy_loss: Literal[tuple(POLICY_LOSSES)] = "clip"
+    """The policy-gradient loss (README 'Policy losses'): clip (PPO/GRPO token-ratio clip), gspo (one clipped ratio per sequence; pair with --loss_aggregation sequence_mean and tiny --clip_lower/--clip_higher such as 3e-4/4e-4), cispo (clipped, detached ratio times REINFORCE; --clip_higher is the ratio cap, e.g. 5), sapo (soft sigmoid gate, no hard clip; --sapo_temperature_pos/_neg). New."""
     clip_lower: float = 0.2
-    """Ratio lower bound is 1 - clip_lower."""
+    """Ratio lower bound is 1 - clip_lower (clip, gspo)."""
     clip_higher: float = 0.2
-    """Ratio upper bound is 1 + clip_higher; set above clip_lower for DAPO-style clip-higher."""
+    """Ratio upper bound is 1 + clip_higher (clip, gspo); set above clip_lower for DAPO-style clip-higher. cispo: the ratio cap itself (e.g. 5, MiniMax-M1), so it must be >= 1 there."""
+    clip_ratio_c: float = 0.0
+    """Dual clipping for --policy_loss clip: for a negative advantage the per-token loss is at most -c x A (verl's clip_ratio_c, e.g. 3; a bound on the loss, unlike TRL's delta, which caps the ratio); 0 = off, else > 1. New."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO's gate temperature for tokens with a positive advantage (> 0). New."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO's gate temperature for tokens with a negative advantage (> 0). New."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: -entropy_coef x the per-token entropy (at the sampling temperature) is added to the loss; 0 = off (train/entropy is logged either way). New."""
+    top_entropy_quantile: float = 1.0
+    """Only the top q fraction of each mini-batch's response tokens by entropy (of the policy before the update) carry the policy-gradient term, the "80/20" forking tokens (Wang et al. 2025, q = 0.2); the KL term stays on every token; 1.0 = off. Costs a no-grad forward pass when the update is on-policy. New."""
     kl_estimator: Literal[tuple(KL_ESTIMATORS)] = "kl3"
     """KL estimator on d = logp - ref_logp: kl1 = d, kl2 = d^2/2, kl3 = exp(-d) - 1 + d, kl4 = ratio * d."""
     advantage_normalization_type: Literal[tuple(ADVANTAGE_NORMALIZATIONS)] = "standard"
-    """standard: (r - group mean) / (group std + 1e-8). centered: r - group mean."""
+    """standard: (r - group mean) / (group std + 1e-8). centered: r - group mean (Dr. GRPO). batch: (r - group mean) / (std of the whole batch + 1e-8), as TRL's scale_rewards="batch"."""
     loss_aggregation: Literal[tuple(LOSS_AGGREGATIONS)] = "token_mean"
     """token_mean: mean over all response tokens of a mini-batch (DAPO). sequence_mean: per-sequence mean, then mean (GRPO). constant: sum / (sequences x response_length) (Dr. GRPO)."""
     mask_truncated_completions: bool = False
@@ -60,4 +72,14 @@ def validate_optim(op: OptimConfig) -> None:
     require(op.beta >= 0, f"--beta must be >= 0, got {op.beta}")
     require(0 <= op.clip_lower < 1, f"--clip_lower must be in [0, 1), got {op.clip_lower}")
     require(op.clip_higher >= 0, f"--clip_higher must be >= 0, got {op.clip_higher}")
+    require(op.clip_ratio_c == 0 or op.clip_ratio_c > 1, f"--clip_ratio_c must be 0 (off) or > 1, got {op.clip_ratio_c}")
+    require(op.clip_ratio_c == 0 or op.policy_loss == "clip",
+            f"--clip_ratio_c applies to --policy_loss clip only, not {op.policy_loss}; drop it or set it to 0")
+    require(op.policy_loss != "cispo" or op.clip_higher >= 1,
+            f"--policy_loss cispo takes --clip_higher as its ratio cap eps_max (a bound such as 5, MiniMax-M1), got {op.clip_higher}; "
+            "set --clip_higher 5")
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+        require(getattr(op, name) > 0, f"--{name} must be > 0, got {getattr(op, name)}")
+    require(0 < op.top_entropy_quantile <= 1, f"--top_entropy_quantile must be in (0, 1] (1 = off), got {op.top_entropy_quantile}")
+    require(op.entropy_coef >= 0, f"--entropy_coef must be >= 0 (0 = off), got {op.entropy_coef}")
     require(op.max_nonfinite_updates >= 1, f"--max_nonfinite_updates must be >= 1, got {op.max_nonfinite_updates}")

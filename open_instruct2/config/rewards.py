@@ -39,9 +39,9 @@ class RewardConfig:
     ground_truth_column: Optional[str] = None
     """The column --verifier checks TRL-format rows against (default: ground_truth), as open-instruct's ground_truths_key. New."""
     overlong_buffer_len: int = 0
-    """L of DAPO's soft overlong punishment (the soft_overlong reward function): a response longer than response_length - L gets a penalty growing linearly to -overlong_penalty_factor at response_length. Must be > 0 when soft_overlong is listed. New."""
+    """L of DAPO's soft overlong punishment: a response longer than response_length - L tokens gets a penalty growing linearly to -overlong_penalty_factor at response_length, added to the reward (logged as reward/soft_overlong); with --reward_funcs, list soft_overlong there. 0 = off. New."""
     overlong_penalty_factor: float = 1.0
-    """The soft overlong punishment at response_length (soft_overlong). New."""
+    """The soft overlong punishment at response_length (p of -p x (length - (response_length - L)) / L). New."""
     repetition_ngram_size: int = 3
     """n of the repetition_penalty reward function (repeated word n-grams). New."""
     repetition_max_penalty: float = -1.0
@@ -63,6 +63,9 @@ def validate_reward(rw: RewardConfig) -> None:
     require(rw.overlong_buffer_len >= 0, f"--overlong_buffer_len must be >= 0, got {rw.overlong_buffer_len}")
     require("soft_overlong" not in (rw.reward_funcs or []) or rw.overlong_buffer_len > 0,
             "--reward_funcs soft_overlong needs --overlong_buffer_len L > 0 (the last L tokens before response_length are penalised)")
+    require(not rw.reward_funcs or rw.overlong_buffer_len == 0 or "soft_overlong" in rw.reward_funcs,
+            "--overlong_buffer_len works through the soft_overlong reward function when --reward_funcs lists functions: add soft_overlong "
+            "to --reward_funcs, or drop --overlong_buffer_len")
     require(rw.overlong_penalty_factor >= 0, f"--overlong_penalty_factor must be >= 0, got {rw.overlong_penalty_factor}")
     require(rw.repetition_max_penalty <= 0, f"--repetition_max_penalty must be <= 0 (a penalty), got {rw.repetition_max_penalty}")
     require(all(math.isfinite(w) for w in rw.reward_weights or []), f"--reward_weights must be finite numbers, got {rw.reward_weights}")

@@ -12,7 +12,7 @@
 
 from collections.abc import Callable
 
-from ..rewards import format_score
+from ..rewards import format_score, soft_overlong_penalty
 
 
 def _text(completion) -> str:
@@ -29,14 +29,6 @@ def rubric(rubric_scores: list[float | None], **kwargs) -> list[float | None]:
 
 def think_answer_format(completions: list, **kwargs) -> list[float]:
     return [format_score(_text(c)) for c in completions]
-
-
-def soft_overlong_penalty(length: int, max_length: int, buffer: int, factor: float) -> float:
-    """DAPO eq. 13, scaled by factor: 0, then linear to -factor at max_length (and past it)."""
-    start = max_length - buffer
-    if length <= start:
-        return 0.0
-    return -factor * min(length - start, buffer) / buffer
 
 
 def ngram_repetition(text: str, n: int) -> float:
