@@ -251,7 +251,7 @@ def sapo_loss(logprobs: Tensor, old_logprobs: Tensor, adv: Tensor, mask: Tensor,
     A > 0 and sapo_temperature_neg for A < 0: a soft gate instead of a hard clip (its gradient is r's at r = 1 and
     decays smoothly away from it). cut: tokens whose gate weight 4 sigmoid' fell below 1/2 (no hard clip)."""
     ratio = torch.exp(logprobs - old_logprobs)
-    tau = torch.where(adv > 0, s.sapo_temperature_pos, s.sapo_temperature_neg)  # (B, 1)
+    tau = torch.where(adv > 0, adv.new_tensor(s.sapo_temperature_pos), adv.new_tensor(s.sapo_temperature_neg))  # (B, 1)
     gate = torch.sigmoid(tau * (ratio - 1.0))  # (B, T)
     weight = 4 * gate.detach() * (1 - gate.detach())  # d(gate * 4 / tau) / dr, 1 at r = 1
     return -(4.0 / tau) * gate * adv, weight < 0.5

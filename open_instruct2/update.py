@@ -111,7 +111,7 @@ def update_policy(run, rollouts: Rollouts, advantages: torch.Tensor, ref_logprob
                 num_tokens=int(rollouts.response_mask[mini].sum()), num_sequences=len(mini), max_response_length=cfg.rollout.response_length
             )
             pg_tokens = None if old_entropy is None else on_rows(
-                rollouts, work, top_entropy_mask(old_entropy[work], rollouts.response_mask[work], cfg.optim.top_entropy_quantile)).bool()
+                rollouts, work, top_entropy_mask(old_entropy[work], rollouts.response_mask[work], cfg.optim.top_entropy_quantile).float()).bool()
             backward_mini_batch(run.policy, run.master, rollouts, work, norm, advantages, old_logprobs, ref_logprobs, cfg, sums,
                                 kl_temperature=temperature if run.reference is None else run.reference.temperature, pg_tokens=pg_tokens)
             grad_norm = optimizer_step(run)
