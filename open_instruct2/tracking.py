@@ -23,6 +23,7 @@ CONSOLE_KEYS = [
     ("reward/mean", "reward", "{:.2f}"),
     ("reward/verifier_accuracy", "acc", "{:.2f}"),
     ("train/kl", "kl", "{:.4f}"),
+    ("train/entropy", "entropy", "{:.2f}"),
     ("rollout/response_length_mean", "len", "{:.0f}"),
     ("time/step", "s/step", "{:.1f}"),
 ]
