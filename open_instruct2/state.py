@@ -4,8 +4,8 @@ A state checkpoint (checkpoints/step_<N>/, written atomically by checkpoint.py) 
 - the model (full) or the adapter (LoRA), as save_pretrained files: loadable on their own;
 - training_state.pt: the fp32 master weights of low-precision parameters, the AdamW state, the scheduler,
   and the RNG states (Python, NumPy, torch CPU, every CUDA device);
-- training_state.json: the step, episodes seen, the prompt sampler's position, the rubric buffer (plain
-  JSON), the evaluations so far (for the before/after table), the failure-streak counters, the wandb run id,
+- training_state.json: the step, the responses sampled so far (episodes), the prompt sampler's position, the rubric
+  buffer (plain JSON), the evaluations so far (for the before/after table), the failure-streak counters, the wandb run id,
   the resolved runtime (device kind and dtype) and the master weights' shapes, and the flags it was trained with.
 
 Rerunning the same command continues from the newest state in the run folder: weights, optimizer,
@@ -71,7 +71,7 @@ def capture(run, step: int) -> tuple[dict, dict]:
     cfg = run.cfg
     meta = {
         "step": step,
-        "episodes": step * run.derived.rollout_batch_size,
+        "episodes": run.episodes,  # every sampled response, --dynamic_sampling's further rounds included
         "sampler": run.sampler.state_dict(),
         "rubric_buffer": run.rubric_buffer,
         "evals": [[s, m] for s, m in run.evals],
@@ -174,6 +174,7 @@ def restore(run, folder: str) -> int:
     streaks = meta.get("streaks", {})
     run.nonfinite_streak, run.judge_streak = int(streaks.get("nonfinite", 0)), int(streaks.get("judge", 0))
     run.reward_streak = int(streaks.get("reward", 0))
+    run.episodes = int(meta.get("episodes", int(meta["step"]) * run.derived.rollout_batch_size))  # a state saved before it was kept
     rng = tensors["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

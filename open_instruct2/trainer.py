@@ -7,6 +7,9 @@ Choices a reader comparing trainers should know (the update's own are in update.
   would let the schedule fall behind whenever a step makes fewer (all groups filtered, fewer rows than
   mini-batches). `train/lr` is the rate the step used.
 - Sampling, the ratio, the KL and the reference all use the sampling temperature (policy.py).
+- --dynamic_sampling draws whole further rounds of num_unique_prompts_rollout prompts (one generate call of the usual
+  shape each, not one replacement prompt per empty group), and keeps the first groups with a signal in draw order: what
+  a step trains on depends only on the sampler and the seed, so a resumed run samples what a straight one does.
 """
 
 import json
@@ -22,6 +25,8 @@ import torch
 from . import checkpoint, verifiers
 from .config import Config, Derived, chat_template_kwargs, check_run_dir_free, derive, judge_wanted
 from .data import Prompt, PromptBatch, PromptSampler, build_prompts, next_batch, read_system_prompt, row_settings, set_chat_template
+from .dynamic_sampling import (kept_groups, merge_batches, merge_rollouts, merge_scores, select_batch, select_rollouts, select_scores,
+                               signal_groups)
 from .losses import compute_advantages
 from .policy import MasterWeights, load_policy, load_tokenizer, optimizer_groups, trainable_parameters
 from .reference import Reference, make_reference
@@ -88,6 +93,8 @@ class Run:
     """Steps in a row where every reward function failed (--reward_funcs_max_failed_steps stops the run)."""
     evals: list = field(default_factory=list)
     """(step, eval/ metrics) of this process's evaluations, for the before/after table at the end."""
+    episodes: int = 0
+    """Responses sampled so far, every round of --dynamic_sampling included (saved in the state)."""
 
     def marking(self, step: int) -> MemoryProfiler | None:
         """The profiler, when this step gets memory markers."""
@@ -116,11 +123,7 @@ class PhaseTimer:
 def train_step(run: Run, step: int) -> dict[str, float]:
     cfg, timer = run.cfg, PhaseTimer(step, run.marking(step))
     group = cfg.rollout.num_samples_per_prompt_rollout
-    batch = next_batch(run.prompts, run.sampler, cfg.rollout.num_unique_prompts_rollout)
-    with timer("rollout"):
-        rollouts = generate(run, batch)
-    with timer("reward"):
-        scores = score(run, step, rollouts, batch.prompts)
+    batch, rollouts, scores = sample_batch(run, step, timer)  # generate, then score (--dynamic_sampling: round by round)
     advantages = compute_advantages(scores.rewards, group, cfg.optim.advantage_normalization_type, scores.valid).to(run.runtime.device)
     selected = select_rows(scores.rewards, rollouts.finish_reasons, group, cfg, with_kl=run.reference is not None, valid=scores.valid)
     with timer("reference"):
@@ -198,7 +201,8 @@ def count_streaks(run: Run, metrics: dict[str, float]) -> None:
     """Steps in a row whose update was skipped for a non-finite loss or gradient, and where every judge call failed."""
     run.nonfinite_streak = run.nonfinite_streak + 1 if metrics.get("train/nonfinite_updates", 0.0) > 0 else 0
     run.judge_streak = run.judge_streak + 1 if judge_failed_entirely(metrics) else 0
-    every = run.reward_funcs is not None and metrics.get("reward/functions_failed", 0.0) == len(run.reward_funcs.funcs)
+    rounds = metrics.get("rollout/sampling_rounds", 1.0)  # --dynamic_sampling adds up the rounds' failures (dynamic_sampling.py)
+    every = run.reward_funcs is not None and metrics.get("reward/functions_failed", 0.0) == len(run.reward_funcs.funcs) * rounds
     run.reward_streak = run.reward_streak + 1 if every else 0
 
 
@@ -302,6 +306,52 @@ def save_progress(run: Run, last_step: int) -> str:
 
 
 # ---------------------------------------------------------------- phases
+
+
+def sample_batch(run: Run, step: int, timer: PhaseTimer) -> tuple[PromptBatch, Rollouts, Scores]:
+    """The step's prompts, responses and rewards: num_unique_prompts_rollout prompts from the sampler, generated and
+    scored. --dynamic_sampling: further rounds of as many prompts (each drawn from the sampler, so its position and a
+    resume stay exact) until that many groups have a reward signal or --max_sampling_rounds rounds are done; the step
+    keeps the first groups with a signal in draw order (dynamic_sampling.py), and its stats say how many rounds it took."""
+    ro = run.cfg.rollout
+    rounds, signal = [], []
+    while True:
+        batch = next_batch(run.prompts, run.sampler, ro.num_unique_prompts_rollout)
+        with timer("rollout"):
+            rollouts = generate(run, batch)
+        with timer("reward"):
+            scores = score(run, step, rollouts, batch.prompts)
+        run.episodes += len(rollouts.finish_reasons)
+        if not ro.dynamic_sampling:
+            return batch, rollouts, scores
+        rounds.append((batch, rollouts, scores))
+        signal += signal_groups(scores, ro.num_samples_per_prompt_rollout)
+        if sum(signal) >= ro.num_unique_prompts_rollout or len(rounds) == ro.max_sampling_rounds:
+            break
+    return keep_signal(run, step, rounds, signal, timer.seconds.get("rollout", 0.0))
+
+
+def keep_signal(run: Run, step: int, rounds: list[tuple[PromptBatch, Rollouts, Scores]], signal: list[bool],
+                rollout_seconds: float) -> tuple[PromptBatch, Rollouts, Scores]:
+    """--dynamic_sampling: the rounds merged, then only the kept groups (dynamic_sampling.kept_groups); a step short of
+    groups with a signal says so. Its stats add rollout/sampling_rounds, rollout/groups_discarded and rollout/episodes,
+    and rollout/tokens_per_second over every sampled token (the step's metrics would count the kept ones only)."""
+    ro = run.cfg.rollout
+    wanted, group = ro.num_unique_prompts_rollout, ro.num_samples_per_prompt_rollout
+    kept = kept_groups(signal, wanted, wanted)
+    if sum(signal) < wanted:
+        trains_on = f"training on the {len(kept)} it has" if any(signal) else "training on round 1's groups as they are"
+        log.warning("step %d: dynamic sampling found %d of %d groups with a reward signal in %d rounds (--max_sampling_rounds); %s",
+                    step, sum(signal), wanted, len(rounds), trains_on)
+    batch = merge_batches([b for b, _, _ in rounds])
+    rollouts = merge_rollouts([r for _, r, _ in rounds], run.tokenizer.pad_token_id)
+    scores = merge_scores([s for _, _, s in rounds])
+    sampled_tokens = float(rollouts.response_lengths.sum())
+    batch, rollouts, scores = select_batch(batch, rollouts, kept, group), select_rollouts(rollouts, kept, group), select_scores(scores, kept, group)
+    rollouts.stats = {**(rollouts.stats or {}), "rollout/sampling_rounds": float(len(rounds)),
+                      "rollout/groups_discarded": float(len(signal) - len(kept)), "rollout/episodes": float(run.episodes),
+                      "rollout/tokens_per_second": sampled_tokens / max(rollout_seconds, 1e-9)}
+    return batch, rollouts, scores
 
 
 def generate(run: Run, batch: PromptBatch) -> Rollouts:

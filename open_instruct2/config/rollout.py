@@ -1,4 +1,4 @@
-"""Rollout flags (batch shape, sampling, HF generate's caches and copies, the vLLM rollout backend,
+"""Rollout flags (batch shape, dynamic sampling, sampling, HF generate's caches and copies, the vLLM rollout backend,
 truncated importance sampling) and the checks that read only them. Checks against the model, the
 data, the optimiser or the reference server: checks.py."""
 
@@ -17,6 +17,10 @@ class RolloutConfig:
     """Prompts per rollout batch."""
     num_samples_per_prompt_rollout: int = 4
     """Responses sampled per prompt: the group that advantages are normalised within (>= 2)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: keep drawing rounds of num_unique_prompts_rollout prompts for the step until num_unique_prompts_rollout groups have a reward signal (not all rewards equal), and train on the first such groups in draw order (the rest are discarded; rollout/sampling_rounds, rollout/groups_discarded). New."""
+    max_sampling_rounds: int = 3
+    """--dynamic_sampling: at most this many rounds of generation per step (round 1 included); then the step trains on the groups with a signal it has (round 1's batch if none has one) and says so. New."""
     response_length: int = 256
     """Most new tokens per response."""
     temperature: float = 0.7
@@ -59,6 +63,7 @@ def validate_rollout(ro: RolloutConfig) -> None:
         ro.num_samples_per_prompt_rollout >= 2,
         f"--num_samples_per_prompt_rollout must be >= 2 (advantages compare samples within a prompt's group), got {ro.num_samples_per_prompt_rollout}",
     )
+    require(ro.max_sampling_rounds >= 1, f"--max_sampling_rounds must be >= 1 (round 1 included), got {ro.max_sampling_rounds}")
     require(ro.num_training_steps is None or ro.num_training_steps > 0, f"--num_training_steps must be > 0, got {ro.num_training_steps}")
     require(ro.temperature > 0, f"--temperature must be > 0 (GRPO needs different samples per prompt), got {ro.temperature}")
     require(0 < ro.top_p <= 1, f"--top_p must be in (0, 1], got {ro.top_p}")
