@@ -393,7 +393,7 @@ def verify_batch(run: Run, step: int, rollouts: Rollouts, prompts: list[Prompt])
             append_records(run.derived.run_dir, run.derived.run_name, rubric.records)
     scores = compute_scores(rollouts.response_texts, rollouts.finish_reasons, [p.verifiers for p in samples],
                             [p.ground_truth for p in samples], cfg.reward, None if rubric is None else rubric.scores,
-                            [p.thinking_open for p in samples])
+                            [p.thinking_open for p in samples], rollouts.response_lengths.tolist(), cfg.rollout.response_length)
     scores.metrics = None if rubric is None else rubric.metrics
     scores.rubric_scores = None if rubric is None else rubric.scores
     return scores
