@@ -84,9 +84,12 @@ class _TokenLogprobsEntropy(torch.autograd.Function):
         lse, entropy = torch.empty_like(out), torch.empty_like(out)
         for rows in _chunks(flat.shape[0], flat.shape[1]):
             z = flat[rows].to(dtype) / temperature  # (c, V)
-            lse[rows] = torch.logsumexp(z, dim=-1)
+            top = z.amax(dim=-1, keepdim=True)  # (c, 1)
+            e = torch.sub(z, top).exp_()  # (c, V) one exp serves the normaliser and the entropy (finite logits)
+            total = e.sum(dim=-1)  # (c,)
+            lse[rows] = top.squeeze(-1) + total.log()
             out[rows] = z.gather(-1, index[rows]).squeeze(-1) - lse[rows]
-            entropy[rows] = lse[rows] - (torch.exp(z - lse[rows].unsqueeze(-1)) * z).sum(dim=-1)
+            entropy[rows] = lse[rows] - torch.linalg.vecdot(e, z) / total  # logsumexp - E_p[z]
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.temperature = temperature
         return out.view(targets.shape), entropy.view(targets.shape)
@@ -103,14 +106,16 @@ class _TokenLogprobsEntropy(torch.autograd.Function):
         g_h = None if grad_entropy is None else grad_entropy.reshape(-1, 1).to(lse.dtype)
         grad = torch.empty_like(flat)
         for rows in _chunks(flat.shape[0], flat.shape[1]):
-            z = flat[rows].to(lse.dtype) / temperature
-            log_p = z - lse[rows].unsqueeze(-1)  # (c, V)
+            log_p = (flat[rows].to(lse.dtype) / temperature).sub_(lse[rows].unsqueeze(-1))  # (c, V), a fresh tensor
             softmax = torch.exp(log_p)
-            g = torch.zeros_like(softmax)
-            if g_h is not None:  # dH/dz = -p (log p + H)
-                g -= softmax * (log_p + entropy[rows].unsqueeze(-1)) * g_h[rows]
-            if g_lp is not None:  # d logp_y / dz = onehot(y) - p
-                g -= softmax * g_lp[rows]
+            if g_h is None:  # the entropy is a metric only: the log-probs' backward alone
+                g = softmax.mul_(-g_lp[rows])
+            else:  # dH/dz = -p (log p + H), and d logp_y / dz = onehot(y) - p
+                g = log_p.add_(entropy[rows].unsqueeze(-1)).mul_(-g_h[rows])
+                if g_lp is not None:
+                    g.sub_(g_lp[rows])
+                g.mul_(softmax)
+            if g_lp is not None:
                 g.scatter_add_(-1, index[rows], g_lp[rows])
             grad[rows] = g.div_(temperature).to(grad.dtype)
         return grad.view(logits.shape), None, None
