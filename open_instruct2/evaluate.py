@@ -92,7 +92,7 @@ def run(cfg, model: str, is_adapter: bool) -> str:
     from .evaluation import describe_sampling, eval_batch_size, evaluate, held_out_prompts
     from .generation_model import make_generation_model
     from .runtime import apply_runtime, resolve_runtime
-    from .trainer import make_rubric_scorer, prepare_rewards
+    from .run_setup import make_rubric_scorer, prepare_rewards
 
     derived = derive(cfg)
     runtime = resolve_runtime(cfg.runtime)

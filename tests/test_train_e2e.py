@@ -138,7 +138,7 @@ def test_an_existing_run_folder_is_never_reused(tmp_path):
     import pytest
 
     from open_instruct2.errors import UserError
-    from open_instruct2.trainer import make_run_dir
+    from open_instruct2.run_setup import make_run_dir
 
     make_run_dir(str(tmp_path / "a"))  # new
     make_run_dir(str(tmp_path / "a"))  # exists but empty: fine
