@@ -83,9 +83,9 @@ class _TokenLogprobsEntropy(torch.autograd.Function):
         out = torch.empty(flat.shape[0], dtype=dtype, device=logits.device)  # (B*T,)
         lse, entropy = torch.empty_like(out), torch.empty_like(out)
         for rows in _chunks(flat.shape[0], flat.shape[1]):
-            z = flat[rows].to(dtype) / temperature  # (c, V)
+            z = (flat[rows].to(dtype) / temperature).clamp_min_(torch.finfo(dtype).min)  # (c, V); a -inf logit (a masked token) -> 0 * min, not nan
             top = z.amax(dim=-1, keepdim=True)  # (c, 1)
-            e = torch.sub(z, top).exp_()  # (c, V) one exp serves the normaliser and the entropy (finite logits)
+            e = torch.sub(z, top).exp_()  # (c, V) one exp serves the normaliser and the entropy
             total = e.sum(dim=-1)  # (c,)
             lse[rows] = top.squeeze(-1) + total.log()
             out[rows] = z.gather(-1, index[rows]).squeeze(-1) - lse[rows]
@@ -106,7 +106,7 @@ class _TokenLogprobsEntropy(torch.autograd.Function):
         g_h = None if grad_entropy is None else grad_entropy.reshape(-1, 1).to(lse.dtype)
         grad = torch.empty_like(flat)
         for rows in _chunks(flat.shape[0], flat.shape[1]):
-            log_p = (flat[rows].to(lse.dtype) / temperature).sub_(lse[rows].unsqueeze(-1))  # (c, V), a fresh tensor
+            log_p = (flat[rows].to(lse.dtype) / temperature).clamp_min_(torch.finfo(lse.dtype).min).sub_(lse[rows].unsqueeze(-1))  # (c, V), fresh
             softmax = torch.exp(log_p)
             if g_h is None:  # the entropy is a metric only: the log-probs' backward alone
                 g = softmax.mul_(-g_lp[rows])

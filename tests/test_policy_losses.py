@@ -276,6 +276,8 @@ BAD = [
     (["--clip_ratio_c", "0.5"], "--clip_ratio_c must be 0 (off) or > 1"),
     (["--clip_ratio_c", "3", "--policy_loss", "sapo"], "applies to --policy_loss clip only"),
     (["--entropy_coef", "-0.1"], "--entropy_coef must be >= 0"),
+    (["--entropy_coef", "inf"], "--entropy_coef must be a finite number"),
+    (["--sapo_temperature_pos", "inf"], "--sapo_temperature_pos must be a finite number"),
     (["--policy_loss", "ppo"], "--policy_loss"),
     (["--reward_funcs", "think_answer_format", "--overlong_buffer_len", "4"], "add soft_overlong"),
 ]
@@ -307,3 +309,26 @@ def test_soft_overlong_on_the_verifiable_path():
     assert s.rewards.tolist() == [10.0, 10.0, 9.75, 9.5]
     off = compute_scores(texts, ["stop"] * 4, [["gsm8k"]] * 4, [["12"]] * 4, RewardConfig(), response_lengths=[3, 6, 8, 10], response_length=10)
     assert "soft_overlong" not in off.breakdown and off.rewards.tolist() == [10.0] * 4
+
+
+def test_the_entropy_kernel_gradients_and_masked_logits():
+    """Both outputs of token_logprobs_entropy against autograd in float64 (gradcheck), and a -inf logit (a masked
+    token) leaves the entropy and its gradient finite, equal to the full softmax's."""
+    from open_instruct2.logprobs import token_logprobs_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 6, (2, 3))
+    assert torch.autograd.gradcheck(lambda x: token_logprobs_entropy(x, targets, 0.7), (logits,))
+    assert torch.autograd.gradcheck(lambda x: token_logprobs_entropy(x, targets, 0.7)[1], (logits,))
+    masked = logits.detach().clone()
+    masked[..., 6] = -torch.inf
+    x = masked.clone().requires_grad_()
+    logp, h = token_logprobs_entropy(x, targets, 0.7)
+    (logp.sum() + h.sum()).backward()
+    y = masked.clone().requires_grad_()
+    ls = (y / 0.7).log_softmax(-1)
+    want_h = -(ls.exp() * ls.nan_to_num(neginf=0.0)).sum(-1)
+    (ls.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum() + want_h.sum()).backward()
+    torch.testing.assert_close(h, want_h)
+    torch.testing.assert_close(x.grad, y.grad.nan_to_num(0.0))

@@ -1,6 +1,7 @@
 """Optimisation flags (AdamW, schedule, batch split, GRPO loss, KL, non-finite steps) and the checks that
 read only them. num_mini_batches against the rollout batch, beta against the reference mode: checks.py."""
 
+import math
 from typing import Literal
 
 from ..losses import ADVANTAGE_NORMALIZATIONS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
@@ -78,6 +79,8 @@ def validate_optim(op: OptimConfig) -> None:
     require(op.policy_loss != "cispo" or op.clip_higher >= 1,
             f"--policy_loss cispo takes --clip_higher as its ratio cap eps_max (a bound such as 5, MiniMax-M1), got {op.clip_higher}; "
             "set --clip_higher 5")
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg", "entropy_coef", "clip_ratio_c", "clip_higher", "clip_lower"):
+        require(math.isfinite(getattr(op, name)), f"--{name} must be a finite number, got {getattr(op, name)}")
     for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
         require(getattr(op, name) > 0, f"--{name} must be > 0, got {getattr(op, name)}")
     require(0 < op.top_entropy_quantile <= 1, f"--top_entropy_quantile must be in (0, 1] (1 = off), got {op.top_entropy_quantile}")
