@@ -217,15 +217,19 @@ class PolicyLossSettings:
     sapo_temperature_neg: float = 1.05
 
 
+def _pessimistic_clip(ratio: Tensor, adv: Tensor, s: PolicyLossSettings) -> tuple[Tensor, Tensor]:
+    """max(-A r, -A clip(r, 1 - clip_lower, 1 + clip_higher)) and where the clipped term won (clip and gspo)."""
+    unclipped, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1.0 - s.clip_lower, 1.0 + s.clip_higher)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
 def clip_loss(logprobs: Tensor, old_logprobs: Tensor, adv: Tensor, mask: Tensor, s: PolicyLossSettings) -> tuple[Tensor, Tensor]:
     """PPO/GRPO: max(-A r, -A clip(r, 1 - clip_lower, 1 + clip_higher)); with dual clip (clip_ratio_c = c), for
     A < 0 also at most -c A (verl's clip_ratio_c: a bound on the loss, not TRL's `delta`, which caps r itself)."""
-    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
-    unclipped, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1.0 - s.clip_lower, 1.0 + s.clip_higher)
-    per_token = torch.maximum(unclipped, clipped)
+    per_token, cut = _pessimistic_clip(torch.exp(logprobs - old_logprobs), adv, s)  # (B, T)
     if s.clip_ratio_c > 0:
         per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * s.clip_ratio_c), per_token)
-    return per_token, clipped > unclipped
+    return per_token, cut
 
 
 def gspo_loss(logprobs: Tensor, old_logprobs: Tensor, adv: Tensor, mask: Tensor, s: PolicyLossSettings) -> tuple[Tensor, Tensor]:
@@ -235,8 +239,7 @@ def gspo_loss(logprobs: Tensor, old_logprobs: Tensor, adv: Tensor, mask: Tensor,
     m = mask.to(logprobs.dtype)
     log_seq = ((logprobs - old_logprobs) * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1)  # (B, 1)
     ratio = torch.exp(log_seq.detach() + logprobs - logprobs.detach())  # (B, T): s_i in value, per-token gradient
-    unclipped, clipped = -adv * ratio, -adv * torch.clamp(ratio, 1.0 - s.clip_lower, 1.0 + s.clip_higher)
-    return torch.maximum(unclipped, clipped), clipped > unclipped
+    return _pessimistic_clip(ratio, adv, s)
 
 
 def cispo_loss(logprobs: Tensor, old_logprobs: Tensor, adv: Tensor, mask: Tensor, s: PolicyLossSettings) -> tuple[Tensor, Tensor]:
