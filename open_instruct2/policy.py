@@ -13,6 +13,7 @@ open-instruct do the same. `--lora_dropout` is still written into the saved adap
 """
 
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -21,7 +22,9 @@ from .bootstrap import resolve_model_path
 from .config import Config
 from .errors import UserError
 from .logprobs import token_logprobs, token_logprobs_entropy
+from .rollout import Rollouts, RowSlice
 from .runtime import Runtime
+from .shared_prefix import position_ids_from_mask, shared_prefix_passes, should_share
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +117,6 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) -> (B, L): 0, 1, 2, ... from each sequence's first real token; padding gets 0."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
 def response_logprobs(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, temperature: float = 1.0
 ) -> torch.Tensor:
@@ -150,6 +148,39 @@ def response_logprobs_at(model: nn.Module, input_ids: torch.Tensor, attention_ma
         return [token_logprobs(logits, targets, t) for t in temperatures], None  # each (B, T) fp32
     first, entropies = token_logprobs_entropy(logits, targets, temperatures[0])
     return [first] + [token_logprobs(logits, targets, t) for t in temperatures[1:]], entropies
+
+
+def by_length(rollouts: Rollouts, rows: list[int]) -> list[int]:
+    """rows sorted by response length, so a micro-batch holds similar lengths (less padding)."""
+    lengths = rollouts.response_lengths.tolist()
+    return sorted(rows, key=lambda r: lengths[r])
+
+
+def shares_prefix(model: nn.Module, mode: str, rollouts: Rollouts, rows: list[int], with_grad: bool = False,
+                  checkpointing: bool = False) -> bool:
+    """--shared_prefix's decision for one pass (shared_prefix.should_share), for a model whose logits are its output
+    layer of the decoder's hidden states (logprobs.output_layer)."""
+    return output_layer(model) is not None and should_share(mode, decoder_of(model), rollouts, rows, with_grad, checkpointing)
+
+
+def logprob_passes(model: nn.Module, rollouts: Rollouts, rows: list[int], size: int, temperatures: tuple[float, ...], *,
+                   entropy: bool = False, share: bool = False, with_grad: bool = False, on_prefix_grad=None
+                   ) -> Iterator[tuple[list[int], RowSlice, list[torch.Tensor], torch.Tensor | None]]:
+    """The micro-batches of a pass over `rows`, `size` samples each: (their rows, the trimmed RowSlice, the (b, t)
+    log-probs at each temperature, the (b, t) entropy at temperatures[0] or None). Per sample, sorted by length; or,
+    with `share`, sorted by group with each group's prefix forwarded once (shared_prefix.py; with `with_grad` the
+    caller backpropagates each micro-batch before taking the next, and the prefix's own backward runs in between,
+    followed by on_prefix_grad())."""
+    if not share:
+        ordered = by_length(rollouts, rows)
+        for start in range(0, len(ordered), size):
+            chunk = ordered[start : start + size]
+            part = rollouts.rows(chunk)
+            yield (chunk, part, *response_logprobs_at(model, part.input_ids, part.attention_mask, part.prompt_width, temperatures, entropy))
+        return
+    for micro in shared_prefix_passes(decoder_of(model), rollouts, rows, size, with_grad, on_prefix_grad):
+        targets = micro.part.input_ids[:, micro.part.prompt_width :]  # (b, t)
+        yield (micro.rows, micro.part, *hidden_token_logprobs(micro.hidden, output_layer(model), targets, temperatures, entropy))
 
 
 class MasterWeights:
@@ -196,3 +227,23 @@ def optimizer_groups(model: nn.Module, master: MasterWeights, weight_decay: floa
     for p in trainable_parameters(model):
         (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(master.optim_param[id(p)])
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+try:  # TEMP until logprobs.py has them
+    from .logprobs import decoder_of, hidden_token_logprobs, output_layer
+except ImportError:
+    def _base(model):
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def decoder_of(model):
+        return _base(model).get_decoder()
+
+    def output_layer(model):
+        return _base(model).get_output_embeddings()
+
+    def hidden_token_logprobs(hidden, head, targets, temperatures, entropy=False):
+        logits = head(hidden)
+        if not entropy:
+            return [token_logprobs(logits, targets, t) for t in temperatures], None
+        first, h = token_logprobs_entropy(logits, targets, temperatures[0])
+        return [first] + [token_logprobs(logits, targets, t) for t in temperatures[1:]], h

@@ -12,7 +12,7 @@ import torch
 
 from .config import Config
 from .errors import ConfigError
-from .policy import load_model, response_logprobs_at
+from .policy import by_length, load_model, logprob_passes, shares_prefix  # noqa: F401 (by_length: re-exported)
 from .rollout import Rollouts
 from .runtime import Runtime
 
@@ -31,32 +31,23 @@ class Reference(Protocol):
     def close(self) -> None: ...
 
 
-def by_length(rollouts: Rollouts, rows: list[int]) -> list[int]:
-    """rows sorted by response length, so a micro-batch holds similar lengths (less padding)."""
-    lengths = rollouts.response_lengths.tolist()
-    return sorted(rows, key=lambda r: lengths[r])
-
-
-def batched_logprobs(model, rollouts: Rollouts, rows: list[int], batch_size: int, temperature: float) -> torch.Tensor:
-    """No-grad log-probs of `rows` in batches sorted by length, as (len(rows), T) aligned with the
-    response mask (zero outside each response), in the order of `rows`."""
-    return batched_forward(model, rollouts, rows, batch_size, temperature)[0]
+def batched_logprobs(model, rollouts: Rollouts, rows: list[int], batch_size: int, temperature: float, share: bool = False) -> torch.Tensor:
+    """No-grad log-probs of `rows` in batches sorted by length (with `share`: by group, each group's prefix
+    forwarded once), as (len(rows), T) aligned with the response mask (zero outside each response), in the order of
+    `rows`."""
+    return batched_forward(model, rollouts, rows, batch_size, temperature, share=share)[0]
 
 
 def batched_forward(model, rollouts: Rollouts, rows: list[int], batch_size: int, temperature: float,
-                    entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    entropy: bool = False, share: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """batched_logprobs, and with `entropy` the per-token entropies (len(rows), T) from the same pass (else None)."""
     out = torch.zeros(len(rows), rollouts.response_mask.shape[1], device=rollouts.input_ids.device)
     entropies = torch.zeros_like(out) if entropy else None
     position = {r: i for i, r in enumerate(rows)}
-    ordered = by_length(rollouts, rows)
     with torch.no_grad():
-        for start in range(0, len(ordered), batch_size):
-            chunk = ordered[start : start + batch_size]
-            part = rollouts.rows(chunk)
-            (values,), h = response_logprobs_at(model, part.input_ids, part.attention_mask, part.prompt_width, (temperature,), entropy)  # (b, t)
+        for chunk, part, (values,), h in logprob_passes(model, rollouts, rows, batch_size, (temperature,), entropy=entropy, share=share):
             at = [position[r] for r in chunk]
-            out[at, : values.shape[1]] = values * part.response_mask
+            out[at, : values.shape[1]] = values * part.response_mask  # (b, t)
             if entropy:
                 entropies[at, : h.shape[1]] = h * part.response_mask
     return out, entropies
@@ -67,6 +58,7 @@ class InProcessReference:
 
     def __init__(self, policy, cfg: Config, runtime: Runtime):
         self.batch_size, self.temperature = cfg.optim.inference_batch_size, cfg.rollout.temperature
+        self.shared_prefix = cfg.model.shared_prefix
         self.lora = cfg.lora.train_mode == "lora"
         if self.lora:
             self.model = policy  # adapters disabled at scoring time: the base model is the reference
@@ -74,13 +66,14 @@ class InProcessReference:
             self.model = load_model(cfg.reference.reference_model_name_or_path or cfg.model.model_name_or_path, cfg, runtime, trainable=False)
 
     def logprobs(self, rollouts: Rollouts, rows: list[int]) -> torch.Tensor:
+        share = shares_prefix(self.model, self.shared_prefix, rollouts, rows)
         if not self.lora:
-            return batched_logprobs(self.model, rollouts, rows, self.batch_size, self.temperature)
+            return batched_logprobs(self.model, rollouts, rows, self.batch_size, self.temperature, share)
         was_training = self.model.training
         self.model.eval()
         try:
             with self.model.disable_adapter():
-                return batched_logprobs(self.model, rollouts, rows, self.batch_size, self.temperature)
+                return batched_logprobs(self.model, rollouts, rows, self.batch_size, self.temperature, share)
         finally:
             self.model.train(was_training)
 

@@ -39,8 +39,8 @@ import torch
 
 from .config import Config
 from .losses import LossNorm, grpo_loss, top_entropy_mask, zero_std_groups
-from .policy import response_logprobs_at
-from .reference import batched_forward, by_length
+from .policy import logprob_passes, shares_prefix
+from .reference import batched_forward
 from .rollout import Rollouts
 
 
@@ -93,7 +93,8 @@ def update_policy(run, rollouts: Rollouts, advantages: torch.Tensor, ref_logprob
     forking = cfg.optim.top_entropy_quantile < 1.0
     if not on_policy or forking:
         run.policy.eval()  # no dropout either way (policy.py); eval skips gradient checkpointing in a no-grad pass
-        old, entropy = batched_forward(run.policy, rollouts, selected.computed, cfg.optim.inference_batch_size, temperature, forking)
+        share = shares_prefix(run.policy, cfg.model.shared_prefix, rollouts, selected.computed)
+        old, entropy = batched_forward(run.policy, rollouts, selected.computed, cfg.optim.inference_batch_size, temperature, forking, share)
         run.policy.train()
         old_logprobs = None if on_policy else on_rows(rollouts, selected.computed, old)
         old_entropy = None if entropy is None else on_rows(rollouts, selected.computed, entropy)
@@ -149,16 +150,13 @@ def backward_mini_batch(model, master, rollouts: Rollouts, rows: list[int], norm
     policy's log-probs there too, from the same forward pass). pg_tokens (N, T) bool: the tokens that carry the
     policy-gradient term (--top_entropy_quantile); None: all.
     """
-    size = cfg.optim.per_device_train_batch_size
     temperature = cfg.rollout.temperature
     kl_apart = ref_logprobs is not None and kl_temperature not in (None, temperature)
-    ordered = by_length(rollouts, rows)
-    for start in range(0, len(ordered), size):
-        chunk = ordered[start : start + size]
-        part = rollouts.rows(chunk)
-        temperatures = (temperature, kl_temperature) if kl_apart else (temperature,)
-        (logprobs, *kl_logprobs), entropy = response_logprobs_at(model, part.input_ids, part.attention_mask, part.prompt_width,
-                                                                 temperatures, entropy=True)  # each (b, t)
+    temperatures = (temperature, kl_temperature) if kl_apart else (temperature,)
+    share = shares_prefix(model, cfg.model.shared_prefix, rollouts, rows, with_grad=True, checkpointing=cfg.model.gradient_checkpointing)
+    passes = logprob_passes(model, rollouts, rows, cfg.optim.per_device_train_batch_size, temperatures, entropy=True, share=share,
+                            with_grad=True, on_prefix_grad=master.accumulate)
+    for chunk, part, (logprobs, *kl_logprobs), entropy in passes:  # each (b, t); the next micro-batch comes after this backward
         width = logprobs.shape[1]
         op = cfg.optim
         loss, metrics = grpo_loss(

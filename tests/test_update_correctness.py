@@ -174,7 +174,7 @@ def test_filtering_changes_no_gradient_and_a_lone_group_is_not_a_full_strength_u
     alone = gradient(True, LossRows([0, 1, 2], [0, 1, 2]))
     tokens = rollouts.response_mask.sum(1)  # 8, 3, 5 | 1, 8, 6
     share = float(tokens[:3].sum() / tokens.sum())  # 16 / 31
-    assert torch.allclose(filtered, share * alone, atol=1e-7)
+    assert torch.allclose(filtered, share * alone, atol=5e-6)  # the shared prefix (default) rounds its sums in another order
 
 
 def test_the_kl_term_stays_on_filtered_groups(built):
@@ -260,7 +260,8 @@ def test_bf16_gradients_accumulate_in_fp32(tmp_path, tiny_model_dir, tokenizer):
     """64 micro-batches of one sequence on a bf16 policy: the accumulated gradient equals the exact sum of
     the 64 bf16 micro-batch gradients (summing in bf16 drifts by ~1% at 64)."""
     cfg = tiny_config(tmp_path, tiny_model_dir, policy_dtype="bfloat16", train_mode="full", reference_mode="none", beta=0.0,
-                      num_unique_prompts_rollout=2, num_samples_per_prompt_rollout=32, response_length=4)
+                      num_unique_prompts_rollout=2, num_samples_per_prompt_rollout=32, response_length=4,
+                      shared_prefix="off")  # per-sample micro-batches (the shared prefix's fp32 sums: test_shared_prefix.py)
     run = trainer.setup(cfg)
     batch = trainer.next_batch(run.prompts, run.sampler, 2)
     torch.manual_seed(0)
@@ -317,7 +318,7 @@ def count_forwards(model):
 
 def test_no_grad_passes_use_the_inference_batch_and_micro_batches_are_sorted_by_length(built):
     run, rollouts = built(train_mode="full", reference_mode="none", beta=0.0, num_epochs=2, per_device_train_batch_size=2,
-                          inference_batch_size=6)
+                          inference_batch_size=6, shared_prefix="off")  # the per-sample passes (shared: test_shared_prefix.py)
     calls = count_forwards(run.policy)
     update.update_policy(run, rollouts, ADV, None, LossRows(list(range(6)), list(range(6))))
     # one no-grad forward for the old log-probs of all six rows, then 2 epochs x 3 micro-batches of 2 rows;
