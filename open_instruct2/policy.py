@@ -3,7 +3,9 @@
 Sequence layout used everywhere (the layout `generate` returns):
     [left padding | prompt | response | right padding]  with the response starting at column P.
 Log-probs pass explicit position ids from the attention mask, so left padding does not shift positions,
-and compute logits only for the response columns (the prompt's logits are never materialised).
+and take only the response columns' hidden states through the output layer, in chunks of rows
+(logprobs.hidden_token_logprobs): neither the prompt's logits nor a (B, T, V) logits tensor ever exist. With
+--shared_prefix a group's prompt is forwarded once for its samples (shared_prefix.py, `logprob_passes`).
 Log-probs are taken at the sampling temperature (logits / T), on the policy and reference sides alike:
 the samples come from that distribution (logprobs.py).
 
@@ -21,7 +23,7 @@ from torch import nn
 from .bootstrap import resolve_model_path
 from .config import Config
 from .errors import UserError
-from .logprobs import token_logprobs, token_logprobs_entropy
+from .logprobs import decoder_of, hidden_token_logprobs, output_layer, token_logprobs, token_logprobs_entropy
 from .rollout import Rollouts, RowSlice
 from .runtime import Runtime
 from .shared_prefix import position_ids_from_mask, shared_prefix_passes, should_share
@@ -131,19 +133,19 @@ def response_logprobs(
 
 def response_logprobs_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
                          temperatures: tuple[float, ...], entropy: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """response_logprobs at each of `temperatures`, from one forward pass (each is one more chunked log-softmax of
-    the same logits): the KL term against a reference served at temperature 1 needs the policy there too. With
+    """response_logprobs at each of `temperatures`, from one forward pass (each is one more log-softmax of the same
+    chunk of logits): the KL term against a reference served at temperature 1 needs the policy there too. With
     `entropy`, also the (B, T) per-token entropy at temperatures[0], from the same chunks as its log-probs."""
     response_width = input_ids.shape[1] - prompt_width
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=response_width + 1,  # logits at columns P-1 .. L-1
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1, :]  # (B, T, V) in the model's dtype: column P-1+t predicts token P+t
     targets = input_ids[:, prompt_width:]  # (B, T)
+    positions = position_ids_from_mask(attention_mask)
+    head = output_layer(model)
+    if head is not None:  # the decoder's hidden states through the head in chunks: the (B, T, V) logits never exist
+        hidden = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False).last_hidden_state
+        return hidden_token_logprobs(hidden[:, prompt_width - 1 : -1], head, targets, temperatures, entropy)  # column P-1+t predicts P+t
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                logits_to_keep=response_width + 1, use_cache=False)  # logits at columns P-1 .. L-1 (a head that is not plain)
+    logits = out.logits[:, :-1, :]  # (B, T, V) in the model's dtype: column P-1+t predicts token P+t
     if not entropy:
         return [token_logprobs(logits, targets, t) for t in temperatures], None  # each (B, T) fp32
     first, entropies = token_logprobs_entropy(logits, targets, temperatures[0])
@@ -228,22 +230,3 @@ def optimizer_groups(model: nn.Module, master: MasterWeights, weight_decay: floa
         (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(master.optim_param[id(p)])
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
-
-try:  # TEMP until logprobs.py has them
-    from .logprobs import decoder_of, hidden_token_logprobs, output_layer
-except ImportError:
-    def _base(model):
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-    def decoder_of(model):
-        return _base(model).get_decoder()
-
-    def output_layer(model):
-        return _base(model).get_output_embeddings()
-
-    def hidden_token_logprobs(hidden, head, targets, temperatures, entropy=False):
-        logits = head(hidden)
-        if not entropy:
-            return [token_logprobs(logits, targets, t) for t in temperatures], None
-        first, h = token_logprobs_entropy(logits, targets, temperatures[0])
-        return [first] + [token_logprobs(logits, targets, t) for t in temperatures[1:]], h

@@ -2,6 +2,8 @@
 log-probs, entropies, losses and gradients as the per-sample passes (fp32 and bf16, full and LoRA, prompts of
 different lengths in one batch, with and without a system prompt, groups of one and of G, every micro-batch size)."""
 
+from collections import defaultdict
+
 import pytest
 import torch
 
@@ -168,3 +170,29 @@ def test_a_training_run_with_the_shared_prefix(tmp_path, tiny_model_dir):
     refused = run_cli(*base, "--shared_prefix", "on", "--run_name", "refused")
     assert_one_line_error(refused, "--shared_prefix on", "--gradient_checkpointing false")
     assert not (tmp_path / "out" / "refused").exists()
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_the_training_pass_never_allocates_the_full_logits(built, monkeypatch, mode):
+    """The update's forward and backward (entropy, two temperatures for the KL) allocate no tensor of more logits
+    than one chunk, per sample and shared: the (B, T, V) logits never exist (the recorder sees the naive ones exist
+    in tests/test_logprobs_hidden.py)."""
+    from test_logprobs_hidden import AllocationRecorder
+
+    from open_instruct2 import logprobs
+    from open_instruct2.losses import LossNorm
+
+    run, rollouts = built(train_mode="lora", beta=0.1, per_device_train_batch_size=9, shared_prefix=mode)
+    vocab = run.policy.get_output_embeddings().weight.shape[0]
+    bound = 8 * vocab  # a micro-batch of 9 x 8 response tokens is 9 chunks
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", bound)
+    rows = list(range(9))
+    ref = update.on_rows(rollouts, rows, run.reference.logprobs(rollouts, rows))
+    norm = LossNorm(num_tokens=int(rollouts.response_mask.sum()), num_sequences=9, max_response_length=8)
+    recorder = AllocationRecorder(vocab)
+    with recorder:
+        update.backward_mini_batch(run.policy, run.master, rollouts, rows, norm, torch.randn(9), None, ref, run.cfg,
+                                   defaultdict(lambda: torch.zeros(())), kl_temperature=1.0)
+    largest = max(recorder.largest.values())
+    assert 0 < largest <= bound < 9 * 8 * vocab, largest
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in run.policy.parameters())

@@ -304,26 +304,29 @@ def test_weight_decay_skips_norms_biases_and_embeddings(built):
 # ---------------------------------------------------------------- 10. the hot path
 
 
-def count_forwards(model):
-    widths = []
-    original = model.forward
+def count_forwards(monkeypatch):
+    """(rows, response columns) of every log-prob computation (policy.hidden_token_logprobs)."""
+    from open_instruct2 import policy
 
-    def forward(*args, **kwargs):
-        widths.append(kwargs.get("logits_to_keep"))
-        return original(*args, **kwargs)
+    shapes = []
+    original = policy.hidden_token_logprobs
 
-    model.forward = forward
-    return widths
+    def recorded(hidden, head, targets, *args, **kwargs):
+        shapes.append(tuple(targets.shape))
+        return original(hidden, head, targets, *args, **kwargs)
+
+    monkeypatch.setattr(policy, "hidden_token_logprobs", recorded)
+    return shapes
 
 
-def test_no_grad_passes_use_the_inference_batch_and_micro_batches_are_sorted_by_length(built):
+def test_no_grad_passes_use_the_inference_batch_and_micro_batches_are_sorted_by_length(built, monkeypatch):
     run, rollouts = built(train_mode="full", reference_mode="none", beta=0.0, num_epochs=2, per_device_train_batch_size=2,
                           inference_batch_size=6, shared_prefix="off")  # the per-sample passes (shared: test_shared_prefix.py)
-    calls = count_forwards(run.policy)
+    calls = count_forwards(monkeypatch)
     update.update_policy(run, rollouts, ADV, None, LossRows(list(range(6)), list(range(6))))
     # one no-grad forward for the old log-probs of all six rows, then 2 epochs x 3 micro-batches of 2 rows;
-    # sorted by length (1, 3 | 5, 6 | 8, 8), each micro-batch keeps logits for its longest response + 1
-    assert calls == [9] + [4, 7, 9] * 2
+    # sorted by length (1, 3 | 5, 6 | 8, 8), each micro-batch takes log-probs for its longest response only
+    assert calls == [(6, 8)] + [(2, 3), (2, 6), (2, 8)] * 2
 
 
 def test_generation_does_not_decode_per_token(built, tokenizer):
