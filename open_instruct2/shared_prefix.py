@@ -39,7 +39,7 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 
 AUTO_MIN_SAVED_FRACTION = 0.2
 """--shared_prefix auto shares when the columns it saves are at least this fraction of a pass's columns
-(measured break-even in BENCHMARKS.md "Shared prefix")."""
+(a conservative first rule: BENCHMARKS.md "Shared prefix" measured gains down to a 2-token prompt, on a busy machine)."""
 
 
 def group_rows(rollouts: Rollouts, rows: list[int]) -> list[int]:
