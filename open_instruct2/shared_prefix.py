@@ -70,7 +70,7 @@ def should_share(mode: str, decoder, rollouts: Rollouts, rows: list[int], with_g
     """Whether a pass over `rows` shares prefixes: off never; on always (a checkpointed gradient pass is refused at
     start-up); auto when it saves enough (AUTO_MIN_SAVED_FRACTION) and the pass can keep a cache. Never for a model
     whose cache cannot be expanded (`shareable`)."""
-    if mode == "off" or rollouts.prompt_width < 2 or (with_grad and checkpointing) or decoder is None or not shareable(decoder):
+    if mode == "off" or not rows or rollouts.prompt_width < 2 or (with_grad and checkpointing) or decoder is None or not shareable(decoder):
         return False
     return mode == "on" or saved_fraction(rollouts, rows, group_rows(rollouts, rows)) >= AUTO_MIN_SAVED_FRACTION
 

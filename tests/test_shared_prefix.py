@@ -156,6 +156,7 @@ def test_auto_shares_where_it_saves_work(built):
                                   response_length=4, temperature=0.7, top_p=1.0, stop_strings=None, device=torch.device("cpu"))
     assert not should_share("auto", decoder, one_token, [0, 1, 2, 3], with_grad=False, checkpointing=False)
     assert not should_share("on", decoder, one_token, [0, 1, 2, 3], with_grad=False, checkpointing=False)
+    assert not should_share("on", decoder, rollouts, [], with_grad=False, checkpointing=False)  # nothing to compute
 
 
 def test_a_training_run_with_the_shared_prefix(tmp_path, tiny_model_dir):
