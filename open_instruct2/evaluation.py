@@ -30,7 +30,7 @@ import torch
 from .config import STEPS_PER_DEFAULT_EVAL, Config, derive, eval_max_samples
 from .data import Prompt, PromptBatch, build_prompts, row_settings
 from .rewards import compute_scores
-from .rollout import generate_rollouts
+from .rollout import generate_rollouts, shared_prefix_for
 from .rubrics import RUBRIC_VERIFIERS, rubric_inputs
 from .verifiers import final_answer
 
@@ -125,7 +125,8 @@ def generate_answers(policy, tokenizer, prompts: list[Prompt], cfg: Config, devi
             r = generate_rollouts(policy, tokenizer, PromptBatch(chunk, list(range(len(chunk)))), num_samples=k,
                                   response_length=cfg.rollout.response_length, temperature=1.0 if k == 1 else temperature,
                                   top_p=1.0 if k == 1 else cfg.rollout.top_p, stop_strings=cfg.rollout.stop_strings, device=device,
-                                  greedy=k == 1, static_width=static_width)
+                                  greedy=k == 1, static_width=static_width,
+                                  shared_prefix=shared_prefix_for(cfg.model.shared_prefix, chunk, k))
             texts += r.response_texts[:n]
             reasons += r.finish_reasons[:n]
             ids += r.response_token_ids()[:n]

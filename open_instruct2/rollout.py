@@ -10,6 +10,9 @@
 - The response mask is cut at the first eos (inclusive: stopping is learned too), never derived from the
   pad id, which equals eos for many models (SmolLM2 included).
 - Finish reason: 'stop' (eos or a stop string) or 'length' (hit response_length).
+- Shared prefix (--shared_prefix): the G samples of a prompt are G identical rows, so its prompt is prefilled once
+  and the KV cache repeated to its rows; generate then computes only the last prompt column per row. Same draws
+  (the Sampler's uniforms do not depend on how the logits were computed), logits equal up to rounding.
 - The sampler's log-prob of every drawn token is recorded (`Rollouts.sampler_logprobs`), as the vLLM backend
   returns it: the generation copy (merged LoRA, packed weights, a KV cache) is not bit for bit the trainer's
   forward pass, and the update corrects for the difference with the same truncated importance weights
@@ -24,7 +27,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.stopping_criteria import StopStringCriteria
 
-from .data import PromptBatch
+from .data import Prompt, PromptBatch
 
 
 @dataclass
@@ -226,11 +229,14 @@ def generate_rollouts(
     device: torch.device,
     greedy: bool = False,
     static_width: int | None = None,
+    shared_prefix: bool = False,
 ) -> Rollouts:
     """Sample num_samples responses per prompt (greedy: decode the most likely tokens; evaluation).
     static_width: generate over a static KV cache with the prompts left-padded to this width (a longer batch
     to the next multiple of STATIC_WIDTH_STEP), so that every batch of a run has one cache shape (on CUDA,
-    each new shape is a new compile); None: the dynamic cache, padded to the batch's longest prompt."""
+    each new shape is a new compile); None: the dynamic cache, padded to the batch's longest prompt.
+    shared_prefix: prefill each prompt once for its num_samples rows (prefilled_cache; `shared_prefix_for` decides).
+    Not with a static cache, which generate allocates and fills itself: that path prefills every row, as before."""
     prompts = [p.prompt_ids for p in batch.prompts for _ in range(num_samples)]
     prompt_index = [i for i in range(len(batch.prompts)) for _ in range(num_samples)]
     width = max(len(p) for p in prompts)
@@ -246,17 +252,22 @@ def generate_rollouts(
         temperature=temperature, top_p=top_p, response_length=response_length, pad_token_id=pad, eos_token_ids=eos, greedy=greedy,
         static_cache=static_cache,
     )
+    share = shared_prefix and num_samples >= 2 and width >= 2 and not static_cache and _cache_expandable(model)
     was_training = model.training
     model.eval()
     try:
+        # generate sees a cache of P - 1 columns next to the (N, P) ids and mask: it forwards only the last column
+        cache = prefilled_cache(model, input_ids, attention_mask, num_samples) if share else None
         with only_these_settings(model):
             sequences = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                past_key_values=cache,
                 generation_config=generation_config,
                 logits_processor=sampler,
                 stopping_criteria=StoppingCriteriaList([stopper]) if stopper else None,
             )  # (N, P + t)
+        del cache
     finally:
         model.train(was_training)
     generated = sequences[:, width:]  # (N, t)
@@ -281,6 +292,47 @@ def generate_rollouts(
         prompt_index=prompt_index,
         sampler_logprobs=sampler_logprobs,
     )
+
+
+def prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_samples: int):
+    """The KV cache of the prompt columns [0, P-1) of (N, P) left-padded rows made of runs of num_samples identical
+    rows: one forward over the U = N / num_samples distinct prompts, each layer's keys/values (U, heads, P-1, d)
+    repeated to (N, heads, P-1, d). Positions count from each row's first token, as generate counts them."""
+    from transformers import DynamicCache
+
+    ids, mask = input_ids[::num_samples, :-1], attention_mask[::num_samples, :-1]  # (U, P-1)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, attention_mask=mask, position_ids=(mask.long().cumsum(dim=1) - 1).clamp(min=0),
+          past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(num_samples)
+    return cache
+
+
+def _cache_expandable(model) -> bool:
+    from .shared_prefix import shareable  # (shared_prefix imports this module)
+
+    return shareable(model)
+
+
+SHARE_MIN_PROMPT_TOKENS = 16
+"""--shared_prefix auto prefills once per prompt in generation from this prompt width on. Measured on a 2-core AVX512
+CPU, SmolLM2-135M, 2 prompts x 8 samples, 64 new tokens (shared vs per row, medians of 3): fp32 0.96x at 8 prompt
+tokens, 1.18x at 32, 1.28x at 80, 1.82x at 256; bf16 1.13x, 1.15x, 1.13x, 1.21x (decoding dominates). Below a few
+tokens there is nothing to save but the extra forward call."""
+
+
+def share_prompt_prefill(prompt_width: int, num_samples: int) -> bool:
+    """--shared_prefix auto's rule for HF generation: prefill once per prompt for a batch of prompt_width columns
+    and num_samples samples per prompt."""
+    return num_samples >= 2 and prompt_width >= SHARE_MIN_PROMPT_TOKENS
+
+
+def shared_prefix_for(mode: str, prompts: list[Prompt], num_samples: int) -> bool:
+    """generate_rollouts' shared_prefix under --shared_prefix `mode`: off never; on whenever a prompt has several
+    samples; auto by share_prompt_prefill for the widest of `prompts`."""
+    if mode == "off" or num_samples < 2:
+        return False
+    return mode == "on" or share_prompt_prefill(max(len(p.prompt_ids) for p in prompts), num_samples)
 
 
 def _cut(generated: torch.Tensor, eos: torch.Tensor, stopped_at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

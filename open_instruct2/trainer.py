@@ -33,7 +33,7 @@ from .metrics import print_eval_table, sample_rows, step_metrics, update_note, w
 from .reference import Reference
 from .reference_vllm import ReferenceFailure
 from .rewards import Scores, compute_scores
-from .rollout import Rollouts, generate_rollouts
+from .rollout import Rollouts, generate_rollouts, shared_prefix_for
 from .rollout_vllm import RolloutFailure
 from .rubric_scorer import score_batch
 from .rubrics import RUBRIC_VERIFIERS, append_records, judge_failed_entirely
@@ -302,6 +302,7 @@ def generate(run: Run, batch: PromptBatch) -> Rollouts:
         run.generation.model(), run.tokenizer, batch, num_samples=ro.num_samples_per_prompt_rollout, response_length=ro.response_length,
         temperature=ro.temperature, top_p=ro.top_p, stop_strings=ro.stop_strings, device=run.runtime.device,
         static_width=run.generation.static_width,
+        shared_prefix=shared_prefix_for(run.cfg.model.shared_prefix, batch.prompts, ro.num_samples_per_prompt_rollout),
     )
 
 
