@@ -26,7 +26,8 @@ from open_instruct2 import rollout  # noqa: E402
 from open_instruct2.bootstrap import ensure_builtin_model  # noqa: E402
 from open_instruct2.data import Prompt, PromptBatch, tokenize_prompt  # noqa: E402
 from open_instruct2.logprobs import token_logprobs  # noqa: E402
-from open_instruct2.reference import batched_logprobs, by_length  # noqa: E402
+from open_instruct2.policy import by_length  # noqa: E402
+from open_instruct2.reference import batched_logprobs  # noqa: E402
 
 REPEATS = 3
 

@@ -24,9 +24,9 @@ from .bootstrap import resolve_model_path
 from .config import Config
 from .errors import UserError
 from .logprobs import decoder_of, hidden_token_logprobs, output_layer, token_logprobs, token_logprobs_entropy
-from .rollout import Rollouts, RowSlice
+from .rollout import Rollouts, RowSlice, position_ids_from_mask
 from .runtime import Runtime
-from .shared_prefix import position_ids_from_mask, shared_prefix_passes, should_share
+from .shared_prefix import shared_prefix_passes, should_share
 
 log = logging.getLogger(__name__)
 
@@ -229,4 +229,3 @@ def optimizer_groups(model: nn.Module, master: MasterWeights, weight_decay: floa
     for p in trainable_parameters(model):
         (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(master.optim_param[id(p)])
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-

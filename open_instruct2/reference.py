@@ -12,7 +12,7 @@ import torch
 
 from .config import Config
 from .errors import ConfigError
-from .policy import by_length, load_model, logprob_passes, shares_prefix  # noqa: F401 (by_length: re-exported)
+from .policy import load_model, logprob_passes, shares_prefix
 from .rollout import Rollouts
 from .runtime import Runtime
 

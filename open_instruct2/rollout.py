@@ -81,6 +81,11 @@ class Rollouts:
         )
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) -> (B, L): 0, 1, 2, ... from each sequence's first real token; padding gets 0 (as generate counts them)."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
 @dataclass
 class RowSlice:
     """Some rows of a Rollouts, trimmed. b = rows, t = their longest response."""
@@ -302,7 +307,7 @@ def prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     ids, mask = input_ids[::num_samples, :-1], attention_mask[::num_samples, :-1]  # (U, P-1)
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, attention_mask=mask, position_ids=(mask.long().cumsum(dim=1) - 1).clamp(min=0),
+    model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
           past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(num_samples)
     return cache

@@ -30,12 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .rollout import Rollouts, RowSlice
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """(B, L) -> (B, L): 0, 1, 2, ... from each sequence's first real token; padding gets 0."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+from .rollout import Rollouts, RowSlice, position_ids_from_mask
 
 AUTO_MIN_SAVED_FRACTION = 0.2
 """--shared_prefix auto shares when the columns it saves are at least this fraction of a pass's columns
