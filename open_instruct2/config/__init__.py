@@ -24,6 +24,7 @@ from .rewards import RewardConfig, check_reward_inputs, validate_reward
 from .rollout import RolloutConfig, validate_rollout
 from .rubrics import RUBRIC_SWITCHES, RubricConfig, judge_wanted, validate_judge
 from .runtime import RuntimeConfig, validate_runtime
+from .tools import BUILTIN_TOOLS, ToolsConfig, tools_wanted, validate_tools
 from .tracking import (
     DEFAULT_NUM_EVALS,
     EVAL_SAMPLES_CPU,
@@ -38,7 +39,7 @@ __all__ = [
     "BUILTIN_MODEL", "DEFAULT_NUM_EVALS", "EVAL_SAMPLES_CPU", "EVAL_SAMPLES_GPU", "GROUPS", "NOT_AVAILABLE_YET", "RUBRIC_SWITCHES",
     "SECRET_FIELDS", "STEPS_PER_DEFAULT_EVAL", "Config", "ConfigError", "DataConfig", "Derived", "ExperimentConfig", "LoraConfig",
     "MemoryProfileConfig", "ModelConfig", "OptimConfig", "ReferenceConfig", "RewardConfig", "RolloutConfig", "RubricConfig",
-    "RuntimeConfig", "TrackingConfig", "apply_smoke_test", "chat_template_kwargs", "check_data_inputs", "check_not_available", "check_output_dir",
+    "RuntimeConfig", "ToolsConfig", "BUILTIN_TOOLS", "tools_wanted", "validate_tools", "TrackingConfig", "apply_smoke_test", "chat_template_kwargs", "check_data_inputs", "check_not_available", "check_output_dir",
     "LOCAL_SUFFIXES", "check_reward_inputs", "check_run_dir_free", "default_config", "derive", "documented", "eval_max_samples", "group_of", "judge_wanted", "parse_mixer",
     "require", "validate", "validate_across_groups", "validate_data", "validate_experiment", "validate_judge", "validate_lora",
     "validate_memory", "validate_model", "validate_optim", "validate_reference", "validate_reward", "validate_rollout",

@@ -14,6 +14,7 @@ from .optim import validate_optim
 from .reference import validate_reference
 from .rewards import check_reward_inputs, validate_reward
 from .rollout import validate_rollout
+from .tools import validate_tools
 from .rubrics import validate_judge
 from .runtime import validate_runtime
 from .tracking import validate_tracking
@@ -27,6 +28,7 @@ def validate(cfg: Config) -> None:
     validate_tracking(cfg.tracking)
     validate_optim(cfg.optim)
     validate_rollout(cfg.rollout)
+    validate_tools(cfg.tools)
     validate_data(cfg.data)
     validate_experiment(cfg.experiment)
     validate_memory(cfg.memory)

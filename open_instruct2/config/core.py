@@ -18,6 +18,7 @@ from .rewards import RewardConfig
 from .rollout import RolloutConfig
 from .rubrics import RubricConfig
 from .runtime import RuntimeConfig
+from .tools import ToolsConfig
 from .tracking import DEFAULT_NUM_EVALS, STEPS_PER_DEFAULT_EVAL, TrackingConfig
 
 GROUPS = {
@@ -28,6 +29,7 @@ GROUPS = {
     "lora": LoraConfig,
     "data": DataConfig,
     "rollout": RolloutConfig,
+    "tools": ToolsConfig,
     "optim": OptimConfig,
     "reward": RewardConfig,
     "rubric": RubricConfig,
@@ -47,6 +49,7 @@ class Config:
     lora: LoraConfig
     data: DataConfig
     rollout: RolloutConfig
+    tools: ToolsConfig
     optim: OptimConfig
     reward: RewardConfig
     rubric: RubricConfig
