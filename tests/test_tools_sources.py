@@ -1,0 +1,139 @@
+"""The tool sources, run for real: the python tool in real subprocesses."""
+
+import json
+import os
+import signal
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from open_instruct2.errors import UserError
+from open_instruct2.tools.base import ToolError, ToolTimeout
+from open_instruct2.tools.python_tool import cut, exit_description, python_tool
+
+
+def run_code(code: str, timeout_s: float = 5.0, memory_mb: int = 256, max_output_chars: int = 2000) -> str:
+    """One call of a freshly built python tool."""
+    return python_tool(timeout_s, memory_mb, max_output_chars).run({"code": code})
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only a zombie waiting for init to reap it."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+# --- python tool
+
+
+def test_python_tool_schema():
+    tool = python_tool(3, 256, 100)
+    assert tool.name == "python" and tool.own_timeout and tool.text_argument == "code"
+
+
+def test_python_prints_output():
+    assert run_code("print(6 * 7)\nimport sys; print('warn', file=sys.stderr)") == "42\nwarn\n"
+
+
+def test_python_empty_output_says_so():
+    assert run_code("x = 1") == "(no output)"
+
+
+def test_python_exception_is_tool_error_with_traceback():
+    with pytest.raises(ToolError) as e:
+        run_code("print('before')\nraise ValueError('bad value 17')")
+    message = str(e.value)
+    assert not isinstance(e.value, ToolTimeout)
+    assert message.startswith("before\n") and "Traceback" in message and "ValueError: bad value 17" in message
+    assert message.endswith("[exit status 1]")
+
+
+def test_python_timeout_kills_the_whole_group(tmp_path):
+    pids = tmp_path / "pids"
+    code = textwrap.dedent(f"""
+        import os, subprocess
+        child = subprocess.Popen(["sleep", "60"])
+        open({str(pids)!r}, "w").write(f"{{os.getpid()}} {{child.pid}}")
+        while True:
+            pass
+    """)
+    start = time.monotonic()
+    with pytest.raises(ToolTimeout, match="timed out after 2 s"):
+        run_code(code, timeout_s=2.0)
+    assert time.monotonic() - start < 4.0
+    leader, child = map(int, pids.read_text().split())
+    deadline = time.monotonic() + 2.0
+    while not (gone(leader) and gone(child)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(leader) and gone(child)
+    assert not [p for p in psutil.process_iter() if safe_pgid(p.pid) == leader and not gone(p.pid)]
+
+
+def safe_pgid(pid: int) -> int | None:
+    """The process group of pid, None when it is gone."""
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def test_python_leftover_background_process_is_killed(tmp_path):
+    pid_file = tmp_path / "pid"
+    run_code(f"import subprocess\nopen({str(pid_file)!r}, 'w').write(str(subprocess.Popen(['sleep', '60']).pid))")
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 2.0
+    while not gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(pid)
+
+
+def test_python_memory_limit_raises_memory_error():
+    with pytest.raises(ToolError, match="MemoryError"):
+        run_code("b = bytearray(2 * 1024**3)\nprint(len(b))", memory_mb=256)
+
+
+def test_python_file_size_limit():
+    with pytest.raises(ToolError, match="File too large|SIGXFSZ"):
+        run_code("open('big', 'wb').write(b'x' * (32 * 1024**2))")
+
+
+def test_python_output_is_cut():
+    out = run_code("print('x' * 10000)", max_output_chars=200)
+    assert len(out) == 200 and out.startswith("xxx") and out.endswith("[output cut to 200 characters]")
+
+
+def test_python_error_output_is_cut_and_keeps_exit_status():
+    with pytest.raises(ToolError) as e:
+        run_code("print('y' * 10000)\nraise SystemExit(3)", max_output_chars=200)
+    assert len(str(e.value)) <= 200 and "[output cut to" in str(e.value) and str(e.value).endswith("[exit status 3]")
+
+
+def test_python_environment_is_minimal(monkeypatch):
+    monkeypatch.setenv("OPEN_INSTRUCT2_TEST_SECRET", "xyz")
+    env = json.loads(run_code("import json, os; print(json.dumps(dict(os.environ)))"))
+    assert "OPEN_INSTRUCT2_TEST_SECRET" not in env and "xyz" not in env.values()
+    assert set(env) <= {"PATH", "LANG", "HOME", "TMPDIR", "LC_CTYPE"}
+
+
+def test_python_runs_in_a_temporary_folder_removed_afterwards():
+    cwd, home, stdin = run_code("import os, sys; print(os.getcwd()); print(os.environ['HOME']); print(repr(sys.stdin.read()))").split("\n")[:3]
+    assert cwd == home and Path(cwd).resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
+    assert not Path(cwd).exists()
+    assert stdin == "''"
+
+
+def test_python_isolated_mode_ignores_python_env(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/nonexistent-oi2")
+    assert run_code("import sys; print(sys.flags.isolated, '/nonexistent-oi2' in sys.path)") == "1 False\n"
+
+
+def test_cut_and_exit_description():
+    assert cut("abc", 10) == "abc"
+    assert exit_description(2) == "exit status 2"
+    assert exit_description(-signal.SIGXCPU) == "killed by SIGXCPU (CPU time limit)"
