@@ -1,4 +1,5 @@
-"""The tool sources, run for real: the python tool in real subprocesses."""
+"""The tool sources, run for real: the python tool in real subprocesses, the search tool on a corpus written here,
+module_tools on a file written here."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 from open_instruct2.errors import UserError
 from open_instruct2.tools.base import ToolError, ToolTimeout
 from open_instruct2.tools.python_tool import cut, exit_description, python_tool
+from open_instruct2.tools.search import search_tool
 
 
 def run_code(code: str, timeout_s: float = 5.0, memory_mb: int = 256, max_output_chars: int = 2000) -> str:
@@ -137,3 +139,62 @@ def test_cut_and_exit_description():
     assert cut("abc", 10) == "abc"
     assert exit_description(2) == "exit status 2"
     assert exit_description(-signal.SIGXCPU) == "killed by SIGXCPU (CPU time limit)"
+
+
+# --- search tool
+
+
+def write_corpus(path: Path, rows: list) -> str:
+    """rows (dicts as JSON, strings as they are) one per line; the path."""
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+CORPUS = [
+    {"title": "Paris", "text": "Paris is the capital and largest city of France."},
+    {"text": "The mitochondrion is the powerhouse of the cell.", "id": "bio-1"},
+    {"title": "Python", "text": "Python is a programming language created by Guido van Rossum."},
+    {"title": "Berlin", "text": "Berlin is the capital of Germany."},
+]
+
+
+def test_search_ranks_the_relevant_document_first(tmp_path):
+    tool = search_tool(write_corpus(tmp_path / "c.jsonl", CORPUS), top_k=2)
+    out = tool.run({"query": "capital of France"})
+    assert out.startswith("[1] Paris\nParis is the capital") and "[2] Berlin" in out and "[3]" not in out
+    assert tool.name == "search" and tool.text_argument == "query"
+
+
+def test_search_top_k_and_untitled_documents(tmp_path):
+    tool = search_tool(write_corpus(tmp_path / "c.jsonl", CORPUS), top_k=1)
+    out = tool.run({"query": "powerhouse cell"})
+    assert out == "[1]\nThe mitochondrion is the powerhouse of the cell."
+
+
+def test_search_no_match_and_blank_query(tmp_path):
+    tool = search_tool(write_corpus(tmp_path / "c.jsonl", CORPUS), top_k=3)
+    assert "no documents match" in tool.run({"query": "zebra"}).lower()
+    with pytest.raises(ToolError, match="empty"):
+        tool.run({"query": "   "})
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ([CORPUS[0], "{not json"], r"line 2: not JSON"),
+        ([CORPUS[0], CORPUS[1], {"title": "no text"}], r'line 3: needs a "text" string field'),
+        ([], r"has no documents"),
+    ],
+)
+def test_search_bad_corpus_names_file_and_line(tmp_path, rows, expected):
+    path = write_corpus(tmp_path / "bad.jsonl", rows) if rows else str(tmp_path / "empty.jsonl")
+    if not rows:
+        Path(path).write_text("\n\n")
+    with pytest.raises(UserError, match=expected) as e:
+        search_tool(path, top_k=3)
+    assert path in str(e.value) and "\n" not in str(e.value)
+
+
+def test_search_missing_corpus(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        search_tool(str(tmp_path / "nope.jsonl"), top_k=3)
