@@ -14,6 +14,7 @@ import pytest
 
 from open_instruct2.errors import UserError
 from open_instruct2.tools.base import ToolError, ToolTimeout
+from open_instruct2.tools.functions import module_tools
 from open_instruct2.tools.python_tool import cut, exit_description, python_tool
 from open_instruct2.tools.search import search_tool
 
@@ -198,3 +199,98 @@ def test_search_bad_corpus_names_file_and_line(tmp_path, rows, expected):
 def test_search_missing_corpus(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         search_tool(str(tmp_path / "nope.jsonl"), top_k=3)
+
+
+# --- module tools
+
+
+MODULE = '''
+import json
+from typing import Literal
+
+def add(a: int, b: int = 1) -> int:
+    """Adds two integers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a + b
+
+def weather(city: str, unit: Literal["c", "f"]) -> dict:
+    """Looks up the weather.
+
+    Args:
+        city: The city name.
+        unit: Temperature unit.
+    """
+    if city == "Atlantis":
+        raise LookupError("no such city")
+    return {"city": city, "temp": 21, "unit": unit}
+
+def _helper(x):
+    return x
+'''
+
+
+def write_module(tmp_path: Path, source: str, name: str = "my_tools.py") -> str:
+    """source written as a Python file; its path."""
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return str(path)
+
+
+def test_module_functions_become_tools(tmp_path):
+    add, weather = module_tools(write_module(tmp_path, MODULE))
+    assert (add.name, add.description) == ("add", "Adds two integers.")
+    assert add.parameters == {
+        "type": "object",
+        "properties": {"a": {"type": "integer", "description": "The first number."}, "b": {"type": "integer", "description": "The second number."}},
+        "required": ["a"],
+    }
+    assert weather.parameters["properties"]["unit"] == {"type": "string", "enum": ["c", "f"], "description": "Temperature unit."}
+    assert weather.parameters["required"] == ["city", "unit"]
+    assert add.run({"a": 2, "b": 3}) == "5" and add.run({"a": 2}) == "3"
+    assert json.loads(weather.run({"city": "Oslo", "unit": "c"})) == {"city": "Oslo", "temp": 21, "unit": "c"}
+
+
+def test_module_tool_wrong_arguments_are_tool_errors(tmp_path):
+    add, _ = module_tools(write_module(tmp_path, MODULE))
+    with pytest.raises(ToolError, match="missing required argument.*a"):
+        add.run({"b": 3})
+    with pytest.raises(ToolError, match="unknown argument.*c"):
+        add.run({"a": 1, "c": 2})
+
+
+def test_module_tool_exception_becomes_tool_error(tmp_path):
+    _, weather = module_tools(write_module(tmp_path, MODULE))
+    with pytest.raises(ToolError, match="^LookupError: no such city$") as e:
+        weather.run({"city": "Atlantis", "unit": "c"})
+    assert isinstance(e.value.__cause__, LookupError)
+
+
+def test_module_function_without_docstring(tmp_path):
+    path = write_module(tmp_path, MODULE + "\ndef undocumented(x: int) -> int:\n    return x\n")
+    with pytest.raises(UserError, match="function undocumented: .*docstring") as e:
+        module_tools(path)
+    assert "\n" not in str(e.value)
+
+
+def test_module_function_without_type_hints(tmp_path):
+    path = write_module(tmp_path, 'def f(x):\n    """Does f.\n\n    Args:\n        x: A value.\n    """\n')
+    with pytest.raises(UserError, match="function f: .*type hint"):
+        module_tools(path)
+
+
+def test_module_import_error(tmp_path):
+    path = write_module(tmp_path, "import not_a_module_oi2\n")
+    with pytest.raises(UserError, match="importing it raised ModuleNotFoundError: No module named 'not_a_module_oi2'") as e:
+        module_tools(path)
+    assert path in str(e.value)
+
+
+def test_module_missing_or_empty(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        module_tools(str(tmp_path / "absent.py"))
+    with pytest.raises(UserError, match="defines no public function"):
+        module_tools(write_module(tmp_path, "from os.path import join\nX = 1\ndef _private() -> None:\n    pass\n"))
