@@ -123,6 +123,9 @@ def merge_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
         prompt_index=index,
         sampler_logprobs=torch.cat(sampler) if sampler else None,  # (N, T)
         stats=merge_metrics([p.stats for p in parts], [len(p.finish_reasons) for p in parts]),
+        tool_mask=None if parts[0].tool_mask is None else torch.cat([F.pad(p.tool_mask, (0, span - p.tool_mask.shape[1]), value=0) for p in parts]),
+        turns=None if parts[0].turns is None else [t for p in parts for t in p.turns],
+        answer_texts=None if parts[0].answer_texts is None else [t for p in parts for t in p.answer_texts],
     )
 
 
@@ -191,6 +194,9 @@ def select_rollouts(rollouts: Rollouts, groups: list[int], group: int) -> Rollou
         prompt_index=[new[rollouts.prompt_index[r]] for r in rows],
         sampler_logprobs=None if rollouts.sampler_logprobs is None else rollouts.sampler_logprobs[index],  # (n, T)
         stats=rollouts.stats,
+        tool_mask=None if rollouts.tool_mask is None else rollouts.tool_mask[index],  # (n, T)
+        turns=None if rollouts.turns is None else [rollouts.turns[r] for r in rows],
+        answer_texts=None if rollouts.answer_texts is None else [rollouts.answer_texts[r] for r in rows],
     )
 
 

@@ -75,7 +75,7 @@ class VLLMReference:
         sequences, starts, lengths = [], [], []
         for r in rows:
             prompt = rollouts.input_ids[r, : rollouts.prompt_width][rollouts.attention_mask[r, : rollouts.prompt_width].bool()]
-            n = int(rollouts.response_mask[r].sum())
+            n = int(rollouts.response_lengths[r])  # tool output included: the sequence is scored whole, the mask applies later
             sequences.append(prompt.tolist() + rollouts.input_ids[r, rollouts.prompt_width : rollouts.prompt_width + n].tolist())
             starts.append(len(prompt))
             lengths.append(n)

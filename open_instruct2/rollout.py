@@ -55,13 +55,26 @@ class Rollouts:
     from the policy); the update weighs by the importance ratio to it. None: not recorded (greedy evaluation)."""
     stats: dict | None = None
     """Metrics of how the rollouts were made (vllm backend: weight sync seconds), merged into the step's."""
+    tool_mask: torch.Tensor | None = None
+    """(N, T) 1 on tool output appended to a response (multi-turn rollouts with tools, tools/loop.py); None: no tools.
+    With --mask_tool_use (the default) response_mask is 0 there: tool output is conditioned on, never trained on."""
+    turns: list[list[dict]] | None = None
+    """Per sample, with tools: each stretch the policy wrote, the call it ended with and the output it got."""
+    answer_texts: list[str] | None = None
+    """With tools: what the policy wrote after the last tool output (what verifiers score); None: response_texts."""
 
     @property
     def response_lengths(self) -> torch.Tensor:
-        return self.response_mask.sum(dim=1)  # (N,)
+        """(N,) columns of each response: its tokens, tool output included (= response_mask's sum without tools)."""
+        return self.attention_mask[:, self.prompt_width :].sum(dim=1)
+
+    @property
+    def scored_texts(self) -> list[str]:
+        """What verifiers score: the answer after the last tool output, or the whole response."""
+        return self.response_texts if self.answer_texts is None else self.answer_texts
 
     def response_token_ids(self) -> list[list[int]]:
-        """Each sample's response tokens, without padding (the reward functions' completion_ids)."""
+        """Each sample's response tokens (tool output included), without padding (the reward functions' completion_ids)."""
         ids = self.input_ids[:, self.prompt_width :].tolist()
         return [row[:n] for row, n in zip(ids, self.response_lengths.tolist())]
 
@@ -71,7 +84,7 @@ class Rollouts:
         attention = self.attention_mask[index_t]
         response = self.response_mask[index_t]
         left = int((attention[:, : self.prompt_width] == 0).sum(dim=1).min())  # padding shared by all rows
-        width = max(int(response.sum(dim=1).max()), 1)
+        width = max(int(attention[:, self.prompt_width :].sum(dim=1).max()), 1)
         end = self.prompt_width + width
         return RowSlice(
             input_ids=self.input_ids[index_t, left:end],
@@ -130,7 +143,7 @@ def _stop_string_matcher(tokenizer, stop_strings: tuple[str, ...]) -> StopString
     return StopStringCriteria(tokenizer, list(stop_strings))  # ~0.3 s for a 49k vocabulary: build once
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
     ids = set()
     for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         if isinstance(source, int):
@@ -220,13 +233,39 @@ STATIC_WIDTH_STEP = 64
 """A static cache's prompt width, when a batch is wider than the run's: rounded up to a multiple of this."""
 
 
+def generate_rollouts(model, tokenizer, batch: PromptBatch, *, num_samples: int, **settings) -> Rollouts:
+    """Sample num_samples responses per prompt of `batch` (generate_rows' settings)."""
+    prompts = [p.prompt_ids for p in batch.prompts for _ in range(num_samples)]
+    prompt_index = [i for i in range(len(batch.prompts)) for _ in range(num_samples)]
+    return generate_rows(model, tokenizer, prompts, prompt_index, group_size=num_samples, **settings)
+
+
+class HFEngine:
+    """HF generate as the tool loop's engine (tools/loop.py): round 1 from the prompts (a group's prompt prefilled once
+    under --shared_prefix), later rounds from each row's tokens so far (the rows differ by then)."""
+
+    def __init__(self, model, tokenizer, *, response_length: int, shared_prefix: str, **settings):
+        self.model, self.tokenizer, self.response_length, self.shared_prefix, self.settings = model, tokenizer, response_length, shared_prefix, settings
+
+    def first(self, batch: PromptBatch, num_samples: int, stop_strings: list[str]) -> Rollouts:
+        return generate_rollouts(self.model, self.tokenizer, batch, num_samples=num_samples, response_length=self.response_length,
+                                 stop_strings=stop_strings, shared_prefix=shared_prefix_for(self.shared_prefix, batch.prompts, num_samples),
+                                 **self.settings)
+
+    def more(self, sequences: list[list[int]], prompt_index: list[int], max_new_tokens: int, stop_strings: list[str]) -> Rollouts:
+        settings = {**self.settings, "static_width": None}  # the rows' widths change every round: no one cache shape to keep
+        return generate_rows(self.model, self.tokenizer, sequences, prompt_index, group_size=1, response_length=max_new_tokens,
+                             stop_strings=stop_strings, **settings)
+
+
 @torch.no_grad()
-def generate_rollouts(
+def generate_rows(
     model,
     tokenizer,
-    batch: PromptBatch,
+    prompts: list[list[int]],
+    prompt_index: list[int],
     *,
-    num_samples: int,
+    group_size: int,
     response_length: int,
     temperature: float,
     top_p: float,
@@ -236,14 +275,13 @@ def generate_rollouts(
     static_width: int | None = None,
     shared_prefix: bool = False,
 ) -> Rollouts:
-    """Sample num_samples responses per prompt (greedy: decode the most likely tokens; evaluation).
+    """Continue each row of token ids in `prompts` by at most response_length tokens (greedy: the most likely tokens;
+    evaluation). Rows come in runs of group_size identical prompts (1: any rows, e.g. a tool loop's later rounds).
     static_width: generate over a static KV cache with the prompts left-padded to this width (a longer batch
     to the next multiple of STATIC_WIDTH_STEP), so that every batch of a run has one cache shape (on CUDA,
     each new shape is a new compile); None: the dynamic cache, padded to the batch's longest prompt.
-    shared_prefix: prefill each prompt once for its num_samples rows (prefilled_cache; `shared_prefix_for` decides).
+    shared_prefix: prefill each prompt once for its group_size rows (prefilled_cache; `shared_prefix_for` decides).
     Not with a static cache, which generate allocates and fills itself: that path prefills every row, as before."""
-    prompts = [p.prompt_ids for p in batch.prompts for _ in range(num_samples)]
-    prompt_index = [i for i in range(len(batch.prompts)) for _ in range(num_samples)]
     width = max(len(p) for p in prompts)
     static_cache = static_width is not None
     if static_cache:
@@ -251,18 +289,18 @@ def generate_rollouts(
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # (N, P)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    eos = sorted(_eos_ids(model, tokenizer))
+    eos = sorted(eos_ids(model, tokenizer))
     stopper = StopOnStrings(tokenizer, tuple(stop_strings), width, len(prompts), device) if stop_strings else None
     generation_config, sampler = sampling_config(
         temperature=temperature, top_p=top_p, response_length=response_length, pad_token_id=pad, eos_token_ids=eos, greedy=greedy,
         static_cache=static_cache,
     )
-    share = shared_prefix and num_samples >= 2 and width >= 2 and not static_cache and _cache_expandable(model)
+    share = shared_prefix and group_size >= 2 and width >= 2 and not static_cache and _cache_expandable(model)
     was_training = model.training
     model.eval()
     try:
         # generate sees a cache of P - 1 columns next to the (N, P) ids and mask: it forwards only the last column
-        cache = prefilled_cache(model, input_ids, attention_mask, num_samples) if share else None
+        cache = prefilled_cache(model, input_ids, attention_mask, group_size) if share else None
         with only_these_settings(model):
             sequences = model.generate(
                 input_ids=input_ids,

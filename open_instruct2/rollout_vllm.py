@@ -37,7 +37,7 @@ from .config import Config
 from .data import PromptBatch
 from .errors import UserError
 from .generation_model import merged_state
-from .rollout import Rollouts, _eos_ids
+from .rollout import Rollouts, eos_ids
 from .runtime import Runtime, cuda_available
 from .vllm_server import ServerFailure, ServerUnavailable, VLLMClient, VLLMServer, check_probe, pick_served_model
 
@@ -155,7 +155,7 @@ class VLLMRollouts:
         self.adapter_name: str | None = None
         self.adapter_prefix = f"policy-{secrets.token_hex(3)}"
         """Adapter names are policy-<this process's token>-v<N>: an endpoint may still hold a stopped run's adapters."""
-        self.eos = sorted(_eos_ids(policy, tokenizer))
+        self.eos = sorted(eos_ids(policy, tokenizer))
         if adapters:
             clear_adapter_folders(weights_dir)
 
@@ -202,20 +202,31 @@ class VLLMRollouts:
         """What generation requests ask for: the current adapter, or the served model."""
         return self.adapter_name if self.adapters else self.client.model
 
-    def generate(self, batch: PromptBatch, *, num_samples: int, seed: int) -> Rollouts:
+    def generate(self, batch: PromptBatch, *, num_samples: int, seed: int, stop_strings: list[str] | None = None) -> Rollouts:
         """One request per prompt (sent concurrently; the server batches them), prompt p seeded with
         seed + p * num_samples: vLLM seeds the j-th sample of a request with its seed + j, so every sample of the
         batch has its own seed. (One request for the whole batch gave every prompt the same seed: a prompt drawn
-        twice in a batch got two identical groups.)"""
-        ro = self.cfg.rollout
+        twice in a batch got two identical groups.) stop_strings: these instead of --stop_strings (the tool loop's)."""
         prompts = [p.prompt_ids for p in batch.prompts]
+        stops = self.cfg.rollout.stop_strings if stop_strings is None else stop_strings
+        return self.sample(prompts, list(range(len(prompts))), num_samples, seed, self.cfg.rollout.response_length, stops)
+
+    def engine(self, seed: int) -> "VLLMEngine":
+        """This server as the tool loop's engine (tools/loop.py), seeded from `seed`."""
+        return VLLMEngine(self, seed)
+
+    def sample(self, prompts: list[list[int]], prompt_index: list[int], num_samples: int, seed: int, max_tokens: int,
+               stops: list[str] | None) -> Rollouts:
+        """num_samples continuations of each row of token ids in `prompts` (at most max_tokens each); sample i of the
+        result belongs to prompt prompt_index[i // num_samples]."""
+        ro = self.cfg.rollout
 
         def payload(p: int) -> dict:  # built after a sync: the adapter's name changes with it
             return {
-                "model": self.served_name, "prompt": [prompts[p]], "n": num_samples, "max_tokens": ro.response_length,
+                "model": self.served_name, "prompt": [prompts[p]], "n": num_samples, "max_tokens": max_tokens,
                 "temperature": 1.0,  # the server's logits are already divided by --temperature (vllm_plugin.py)
                 "top_p": ro.top_p, "seed": (seed + p * num_samples) % 2**31, "logprobs": 0, "return_token_ids": True,
-                "skip_special_tokens": True, "stop": ro.stop_strings or [], "include_stop_str_in_output": True,
+                "skip_special_tokens": True, "stop": stops or [], "include_stop_str_in_output": True,
                 "stop_token_ids": self.eos, "ignore_eos": False,
                 # an endpoint may fill unset fields from the model's generation_config.json: set every one that changes sampling
                 "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_tokens": 0,
@@ -245,7 +256,8 @@ class VLLMRollouts:
                 self.adapter_name = None  # a new server has the starting weights and no adapter: push the current ones
                 stats = self.sync()
                 choices = request_all()
-            rollouts = rollouts_from_choices(choices, prompts, num_samples, self.tokenizer, ro.response_length, self.runtime.device)
+            rollouts = rollouts_from_choices(choices, prompts, num_samples, self.tokenizer, max_tokens, self.runtime.device)
+            rollouts.prompt_index = [prompt_index[i // num_samples] for i in range(len(prompts) * num_samples)]
         except (ServerFailure, UserError) as e:
             raise RolloutFailure(str(e)) from None
         except Exception as e:  # noqa: BLE001 - anything else in the sync or the requests: the trainer saves progress and stops
@@ -265,6 +277,22 @@ class VLLMRollouts:
             except (ServerFailure, UserError) as e:
                 log.warning("rollout: could not unload the adapter %s from %s (%s); the next run ignores it", self.adapter_name,
                             self.client.base_url, e)
+
+
+class VLLMEngine:
+    """The rollout server as the tool loop's engine: round 1 is `generate` (n = num_samples per prompt), each later
+    round one request per row with its token ids so far, seeded apart from every earlier round's."""
+
+    def __init__(self, server: VLLMRollouts, seed: int):
+        self.server, self.seed, self.rounds = server, seed, 0
+
+    def first(self, batch: PromptBatch, num_samples: int, stop_strings: list[str]) -> Rollouts:
+        return self.server.generate(batch, num_samples=num_samples, seed=self.seed, stop_strings=stop_strings)
+
+    def more(self, sequences: list[list[int]], prompt_index: list[int], max_new_tokens: int, stop_strings: list[str]) -> Rollouts:
+        self.rounds += 1
+        seed = self.seed + self.rounds * 1_000_003
+        return self.server.sample(sequences, prompt_index, 1, seed, max_new_tokens, stop_strings)
 
 
 def clear_adapter_folders(weights_dir: str) -> None:

@@ -18,11 +18,12 @@ from .memory_profile import MemoryProfiler
 from .policy import MasterWeights, load_policy, load_tokenizer, optimizer_groups, trainable_parameters
 from .reference import Reference, make_reference
 from .reward_funcs import RewardFunctions, load_reward_funcs
-from .rollout import ignored_generation_settings
+from .rollout import eos_ids, ignored_generation_settings
 from .rollout_vllm import VLLMRollouts, make_vllm_rollouts
 from .rubric_scorer import RubricScorer
 from .rubrics import RUBRIC_VERIFIERS, make_judges, rubric_inputs
 from .runtime import Runtime, apply_runtime, resolve_runtime, resolved_summary
+from .tools import ToolUse, build_tools, template_tools
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class Run:
     """(step, eval/ metrics) of this process's evaluations, for the before/after table at the end."""
     episodes: int = 0
     """Responses sampled so far, every round of --dynamic_sampling included (saved in the state)."""
+    tools: ToolUse | None = None
+    """--tools / --tool_module / --mcp_server_command: multi-turn rollouts that call them (tools/); None: single-turn."""
 
     def marking(self, step: int) -> MemoryProfiler | None:
         """The profiler, when this step gets memory markers."""
@@ -190,7 +193,18 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
     log.info("runtime: %s", json.dumps(runtime.describe()))
     tokenizer = load_tokenizer(cfg)
     set_chat_template(tokenizer, cfg.model.chat_template_name)
-    system_prompt, template_kwargs = read_system_prompt(cfg.data.system_prompt_file), chat_template_kwargs(cfg.model)
+    tools = build_tools(cfg, tokenizer)  # a bad corpus, module or MCP server stops here, before anything is written
+    try:
+        return _setup(cfg, profiler, derived, runtime, tokenizer, tools)
+    except BaseException:
+        if tools is not None:
+            tools.runner.close()
+        raise
+
+
+def _setup(cfg: Config, profiler: MemoryProfiler | None, derived: Derived, runtime: Runtime, tokenizer, tools: ToolUse | None) -> Run:
+    system_prompt = read_system_prompt(cfg.data.system_prompt_file)
+    template_kwargs = {**chat_template_kwargs(cfg.model), **template_tools(tools, cfg.tools.tool_parser)}
     prompts = build_prompts(
         cfg.data.dataset_mixer_list, cfg.data.dataset_mixer_list_splits, tokenizer, cfg.data.max_prompt_token_length,
         system_prompt=system_prompt, add_bos=cfg.model.add_bos, template_kwargs=template_kwargs, settings=row_settings(cfg),
@@ -252,6 +266,9 @@ def setup(cfg: Config, profiler: MemoryProfiler | None = None) -> Run:
         run.start_step = state.restore(run, resume_from)
         log.info("resume: continuing %s from step %d (state %s)", derived.run_dir, run.start_step, resume_from)
     run.rollout_server = rollout_server
+    run.tools = tools
+    if tools is not None:
+        tools.eos_ids = eos_ids(policy, tokenizer)
     run.generation = make_generation_model(cfg, runtime, policy, max(len(p.prompt_ids) for p in prompts + eval_prompts),
                                            derived.num_training_steps)
     if resume_from and rollout_server is not None:

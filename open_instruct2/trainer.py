@@ -33,12 +33,13 @@ from .metrics import print_eval_table, sample_rows, step_metrics, update_note, w
 from .reference import Reference
 from .reference_vllm import ReferenceFailure
 from .rewards import Scores, compute_scores
-from .rollout import Rollouts, generate_rollouts, shared_prefix_for
+from .rollout import HFEngine, Rollouts
 from .rollout_vllm import RolloutFailure
 from .rubric_scorer import score_batch
 from .rubrics import RUBRIC_VERIFIERS, append_records, judge_failed_entirely
 from .run_setup import Run, setup, start_memory_profiler
 from .signals import StopRequest, Stopped
+from .tools import rollouts_with_tools
 from .tracking import dump_rollouts
 from .update import LossRows, on_rows, select_rows, update_policy
 from .verifiers import final_answer
@@ -124,6 +125,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> str:
                 run.reference.close()
             if run.rollout_server is not None:
                 run.rollout_server.close()
+            if run.tools is not None:
+                run.tools.runner.close()
         if profiler is not None:
             profiler.stop()
     plot_run(run.derived.run_dir)
@@ -293,17 +296,21 @@ def keep_signal(run: Run, step: int, rounds: list[tuple[PromptBatch, Rollouts, S
 
 def generate(run: Run, batch: PromptBatch) -> Rollouts:
     """Sample the step's responses: HF generate in this process, or the vLLM rollout server (which first
-    takes the policy's weights if an optimizer step changed them; its seed is drawn from the run's RNG)."""
+    takes the policy's weights if an optimizer step changed them; its seed is drawn from the run's RNG); with tools,
+    the multi-turn loop over either (tools/loop.py)."""
     ro = run.cfg.rollout
     if run.rollout_server is not None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        if run.tools is not None:
+            return rollouts_with_tools(run.rollout_server.engine(seed), run.tools, batch, num_samples=ro.num_samples_per_prompt_rollout,
+                                       response_length=ro.response_length, stop_strings=ro.stop_strings)
         return run.rollout_server.generate(batch, num_samples=ro.num_samples_per_prompt_rollout, seed=seed)
-    return generate_rollouts(
-        run.generation.model(), run.tokenizer, batch, num_samples=ro.num_samples_per_prompt_rollout, response_length=ro.response_length,
-        temperature=ro.temperature, top_p=ro.top_p, stop_strings=ro.stop_strings, device=run.runtime.device,
-        static_width=run.generation.static_width,
-        shared_prefix=shared_prefix_for(run.cfg.model.shared_prefix, batch.prompts, ro.num_samples_per_prompt_rollout),
-    )
+    engine = HFEngine(run.generation.model(), run.tokenizer, response_length=ro.response_length, shared_prefix=run.cfg.model.shared_prefix,
+                      temperature=ro.temperature, top_p=ro.top_p, device=run.runtime.device, static_width=run.generation.static_width)
+    if run.tools is not None:
+        return rollouts_with_tools(engine, run.tools, batch, num_samples=ro.num_samples_per_prompt_rollout, response_length=ro.response_length,
+                                   stop_strings=ro.stop_strings)
+    return engine.first(batch, ro.num_samples_per_prompt_rollout, ro.stop_strings)
 
 
 def score(run: Run, step: int, rollouts: Rollouts, prompts: list[Prompt]) -> Scores:
@@ -314,7 +321,9 @@ def score(run: Run, step: int, rollouts: Rollouts, prompts: list[Prompt]) -> Sco
     if funcs is None:
         return base
     samples = [prompts[i] for i in rollouts.prompt_index]
-    inputs = funcs.inputs(step - 1, samples, rollouts.response_texts, rollouts.response_token_ids(), rollouts.finish_reasons, rollouts.prompt_index, base)
+    inputs = funcs.inputs(step - 1, samples, rollouts.scored_texts, rollouts.response_token_ids(), rollouts.finish_reasons, rollouts.prompt_index, base)
+    if rollouts.turns is not None:  # with tools: each response's turns (text, call, output)
+        inputs["turns"] = rollouts.turns
     return funcs.score(inputs, base)
 
 
@@ -325,11 +334,11 @@ def verify_batch(run: Run, step: int, rollouts: Rollouts, prompts: list[Prompt])
     rubric = None
     if run.rubrics is not None and any(set(p.verifiers) & set(RUBRIC_VERIFIERS) for p in prompts):
         run.rubric_buffer = run.rubric_buffer if run.rubric_buffer is not None else {}
-        answers = [final_answer(t, p.thinking_open) for t, p in zip(rollouts.response_texts, samples)]
+        answers = [final_answer(t, p.thinking_open) for t, p in zip(rollouts.scored_texts, samples)]
         rubric = score_batch(run.rubrics, step, prompts, answers, cfg.rollout.num_samples_per_prompt_rollout, run.rubric_buffer)
         if cfg.rubric.save_adaptive_rubrics:
             append_records(run.derived.run_dir, run.derived.run_name, rubric.records)
-    scores = compute_scores(rollouts.response_texts, rollouts.finish_reasons, [p.verifiers for p in samples],
+    scores = compute_scores(rollouts.scored_texts, rollouts.finish_reasons, [p.verifiers for p in samples],
                             [p.ground_truth for p in samples], cfg.reward, None if rubric is None else rubric.scores,
                             [p.thinking_open for p in samples], rollouts.response_lengths.tolist(), cfg.rollout.response_length)
     scores.metrics = None if rubric is None else rubric.metrics

@@ -171,7 +171,7 @@ def backward_mini_batch(model, master, rollouts: Rollouts, rows: list[int], norm
             beta=op.beta,
             kl_estimator=op.kl_estimator,
             aggregation=op.loss_aggregation,
-            sampler_logprobs=None if rollouts.sampler_logprobs is None else rollouts.sampler_logprobs[chunk, :width],
+            sampler_logprobs=sampled_logprobs(rollouts, chunk, width, logprobs),
             importance_cap=cfg.rollout.importance_sampling_cap,
             importance_level=cfg.rollout.importance_sampling_level,
             kl_logprobs=kl_logprobs[0] if kl_logprobs else None,
@@ -188,6 +188,17 @@ def backward_mini_batch(model, master, rollouts: Rollouts, rows: list[int], norm
         sums["tokens"] += part.response_mask.sum()
         for k, v in metrics.items():
             sums[k] = torch.maximum(sums[k], v) if k.endswith("_max") else sums[k] + v
+
+
+def sampled_logprobs(rollouts: Rollouts, chunk: list[int], width: int, logprobs: torch.Tensor) -> torch.Tensor | None:
+    """(b, t) the sampler's log-probs of `chunk`; on tool output (trained on only with --mask_tool_use false), which no
+    sampler drew, the policy's own (detached): an importance ratio of 1."""
+    if rollouts.sampler_logprobs is None:
+        return None
+    sampler = rollouts.sampler_logprobs[chunk, :width]
+    if rollouts.tool_mask is None:
+        return sampler
+    return torch.where(rollouts.tool_mask[chunk, :width].bool(), logprobs.detach(), sampler)
 
 
 def optimizer_step(run) -> torch.Tensor | None:
