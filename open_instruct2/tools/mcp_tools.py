@@ -245,7 +245,9 @@ def mcp_tools(command: str, timeout_s: float, *, startup_timeout_s: float = STAR
     listed = server.start()
     atexit.register(server.close)
 
+    close = server.close  # one object: the runner closes each distinct close once
+
     def runner(name: str):
         return lambda arguments: server.call(name, arguments, timeout_s)
 
-    return [Tool(t.name, t.description or "", t.input_schema, runner(t.name), close=server.close, own_timeout=True) for t in listed]
+    return [Tool(t.name, t.description or "", t.input_schema, runner(t.name), close=close, own_timeout=True) for t in listed]
