@@ -26,7 +26,18 @@ RUN_ARGS ?= --train_mode lora --learning_rate 2e-4 --reference_mode none --beta 
 	--dataset_mixer_eval_list builtin:arithmetic 200 --dataset_mixer_eval_list_splits test_rephrased --num_evals 3 --eval_max_samples 200 \
 	--output_dir output_open_instruct2 --run_name demo
 
-.PHONY: setup run test bench clean-venv
+# `make run-tools` is the tool demo: the same model, data and evaluation as `make run`, with the calculator
+# (--tools calculator, the tags format) and a system prompt that describes it with one worked example
+# (examples/calculator_system_prompt.txt); evaluation uses the tool too. Output in output_open_instruct2/demo_tools.
+TOOLS_DEMO_DIR := output_open_instruct2/demo_tools
+RUN_TOOLS_ARGS ?= --train_mode lora --learning_rate 2e-4 --reference_mode none --beta 0 \
+	--num_training_steps 70 --num_unique_prompts_rollout 4 --num_samples_per_prompt_rollout 8 --response_length 64 \
+	--gradient_checkpointing false --remap_verifier gsm8k=gsm8k_strict --system_prompt_file examples/calculator_system_prompt.txt \
+	--tools calculator --max_tool_calls 2 --temperature 1.0 \
+	--dataset_mixer_eval_list builtin:arithmetic 200 --dataset_mixer_eval_list_splits test_rephrased --num_evals 3 --eval_max_samples 200 \
+	--output_dir output_open_instruct2 --run_name demo_tools
+
+.PHONY: setup run run-tools test bench clean-venv
 
 setup: $(STAMP)
 
@@ -56,6 +67,11 @@ run: setup
 	@if [ -d $(DEMO_DIR) ]; then old=$(DEMO_DIR).$$(date +%Y%m%d_%H%M%S); mv $(DEMO_DIR) $$old; echo "[run] moved the previous demo to $$old"; fi
 	@echo "[run] GRPO on the builtin model and data: $(RUN_ARGS)"
 	$(VPY) -m open_instruct2.train_grpo $(RUN_ARGS)
+
+run-tools: setup
+	@if [ -d $(TOOLS_DEMO_DIR) ]; then old=$(TOOLS_DEMO_DIR).$$(date +%Y%m%d_%H%M%S); mv $(TOOLS_DEMO_DIR) $$old; echo "[run-tools] moved the previous demo to $$old"; fi
+	@echo "[run-tools] GRPO with a calculator on the builtin model and data: $(RUN_TOOLS_ARGS)"
+	$(VPY) -m open_instruct2.train_grpo $(RUN_TOOLS_ARGS)
 
 test: setup
 	$(VPY) -m pytest $(PYTEST_ARGS)

@@ -87,20 +87,37 @@ def print_table(metrics: dict[str, float], how: str) -> None:
 
 
 def run(cfg, model: str, is_adapter: bool) -> str:
-    from .config import chat_template_kwargs, derive
-    from .data import read_system_prompt, set_chat_template
-    from .evaluation import describe_sampling, eval_batch_size, evaluate, held_out_prompts
-    from .generation_model import make_generation_model
+    from .config import derive
+    from .data import set_chat_template
     from .runtime import apply_runtime, resolve_runtime
-    from .run_setup import make_rubric_scorer, prepare_rewards
+    from .tools import build_tools
 
     derived = derive(cfg)
     runtime = resolve_runtime(cfg.runtime)
     apply_runtime(runtime, cfg.experiment.seed)
     policy, tokenizer = load(cfg, model, is_adapter, runtime)
     set_chat_template(tokenizer, cfg.model.chat_template_name)
-    prompts = held_out_prompts(cfg, tokenizer, read_system_prompt(cfg.data.system_prompt_file), chat_template_kwargs(cfg.model),
-                               runtime.device.type)
+    tools = build_tools(cfg, tokenizer)  # --tools ...: answers are multi-turn, as in training
+    try:
+        return _run(cfg, model, derived, runtime, policy, tokenizer, tools)
+    finally:
+        if tools is not None:
+            tools.runner.close()
+
+
+def _run(cfg, model: str, derived, runtime, policy, tokenizer, tools) -> str:
+    from .config import chat_template_kwargs
+    from .data import read_system_prompt
+    from .evaluation import describe_sampling, eval_batch_size, evaluate, held_out_prompts
+    from .generation_model import make_generation_model
+    from .rollout import eos_ids
+    from .run_setup import make_rubric_scorer, prepare_rewards
+    from .tools import template_tools
+
+    if tools is not None:
+        tools.eos_ids = eos_ids(policy, tokenizer)
+    template_kwargs = {**chat_template_kwargs(cfg.model), **template_tools(tools, cfg.tools.tool_parser)}
+    prompts = held_out_prompts(cfg, tokenizer, read_system_prompt(cfg.data.system_prompt_file), template_kwargs, runtime.device.type)
     if not prompts:
         raise UserError("no evaluation data: give --dataset_mixer_eval_list SOURCE AMOUNT")
     reward_funcs = prepare_rewards(prompts, cfg, derived.num_training_steps)
@@ -109,7 +126,8 @@ def run(cfg, model: str, is_adapter: bool) -> str:
     log.info("evaluate: %s on %d prompts, %s, up to %d tokens each", model, len(prompts), describe_sampling(cfg), cfg.rollout.response_length)
     start = time.perf_counter()
     metrics, records = evaluate(generation.model(), tokenizer, prompts, cfg, runtime.device, eval_batch_size(cfg),
-                                static_width=generation.static_width, rubrics=rubrics, reward_funcs=reward_funcs, step=step_of(model))
+                                static_width=generation.static_width, rubrics=rubrics, reward_funcs=reward_funcs, step=step_of(model),
+                                tools=tools)
     metrics["eval/seconds"] = time.perf_counter() - start
     os.makedirs(derived.run_dir, exist_ok=True)
     with open(os.path.join(derived.run_dir, "completions.jsonl"), "w") as f:

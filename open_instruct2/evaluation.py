@@ -30,9 +30,10 @@ import torch
 from .config import STEPS_PER_DEFAULT_EVAL, Config, derive, eval_max_samples
 from .data import Prompt, PromptBatch, build_prompts, row_settings
 from .rewards import compute_scores
-from .rollout import generate_rollouts, shared_prefix_for
+from .rollout import HFEngine
 from .rubrics import RUBRIC_VERIFIERS, rubric_inputs
 from .verifiers import final_answer
+from .tools import rollouts_with_tools
 
 log = logging.getLogger(__name__)
 
@@ -108,29 +109,37 @@ def pass_ks(n: int) -> list[int]:
 
 
 def generate_answers(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batch_size: int, static_width: int | None,
-                     step: int) -> tuple[list[str], list[str], list[list[int]]]:
+                     step: int, tools=None) -> tuple[list[str], list[str], list[list[int]], list[str], list | None]:
     """k = --eval_num_samples answers per prompt (prompt-major), batch_size answers per generate call: greedy for k = 1
     (no RNG touched), else sampled at --eval_temperature (or the training temperature) from an RNG of its own (seed +
-    step), so an evaluation never moves the training's."""
+    step), so an evaluation never moves the training's. With `tools` (the run's ToolUse) the answers are multi-turn and the
+    tools are there as in training. Returns (what is scored: the text after the last tool output, finish reasons, response
+    token ids, the whole responses, each response's turns or None)."""
     k = cfg.tracking.eval_num_samples
     temperature = cfg.tracking.eval_temperature or cfg.rollout.temperature
     per_call = max(1, batch_size // k)  # prompts per generate call
-    texts, reasons, ids = [], [], []
+    texts, reasons, ids, whole, turns = [], [], [], [], []
     with own_rng(device, cfg.experiment.seed * 1_000_003 + step, enabled=k > 1):
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start : start + per_call]
             n = len(chunk) * k
             if static_width is not None and start > 0:
                 chunk = chunk + [chunk[0]] * (per_call - len(chunk))
-            r = generate_rollouts(policy, tokenizer, PromptBatch(chunk, list(range(len(chunk)))), num_samples=k,
-                                  response_length=cfg.rollout.response_length, temperature=1.0 if k == 1 else temperature,
-                                  top_p=1.0 if k == 1 else cfg.rollout.top_p, stop_strings=cfg.rollout.stop_strings, device=device,
-                                  greedy=k == 1, static_width=static_width,
-                                  shared_prefix=shared_prefix_for(cfg.model.shared_prefix, chunk, k))
-            texts += r.response_texts[:n]
+            engine = HFEngine(policy, tokenizer, response_length=cfg.rollout.response_length, shared_prefix=cfg.model.shared_prefix,
+                              temperature=1.0 if k == 1 else temperature, top_p=1.0 if k == 1 else cfg.rollout.top_p, device=device,
+                              greedy=k == 1, static_width=static_width)
+            batch = PromptBatch(chunk, list(range(len(chunk))))
+            if tools is None:
+                r = engine.first(batch, k, cfg.rollout.stop_strings)
+            else:
+                r = rollouts_with_tools(engine, tools, batch, num_samples=k, response_length=cfg.rollout.response_length,
+                                        stop_strings=cfg.rollout.stop_strings)
+                turns += r.turns[:n]
+            texts += r.scored_texts[:n]
+            whole += r.response_texts[:n]
             reasons += r.finish_reasons[:n]
             ids += r.response_token_ids()[:n]
-    return texts, reasons, ids
+    return texts, reasons, ids, whole, turns if tools is not None else None
 
 
 @contextmanager
@@ -147,7 +156,7 @@ def own_rng(device, seed: int, enabled: bool):
 
 @torch.no_grad()
 def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batch_size: int,
-             static_width: int | None = None, rubrics=None, reward_funcs=None, step: int = 0) -> tuple[dict[str, float], list[dict]]:
+             static_width: int | None = None, rubrics=None, reward_funcs=None, step: int = 0, tools=None) -> tuple[dict[str, float], list[dict]]:
     """k answers to every prompt (generate_answers); returns (eval/ metrics, one record per answer). With a static cache the
     last chunk is filled up to batch_size with repeats of its first prompt (answers dropped): one batch shape,
     one compile. Rubric rows are scored by `rubrics` (the run's RubricScorer: its judge, on each row's own items;
@@ -155,7 +164,7 @@ def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batc
     eval/unscored, never averaged in as 0. Success: verifier score 1 on a row with a verifier, else a reward of at
     least --eval_success_threshold (reward functions)."""
     k = cfg.tracking.eval_num_samples
-    texts, reasons, ids = generate_answers(policy, tokenizer, prompts, cfg, device, batch_size, static_width, step)
+    texts, reasons, ids, whole, turns = generate_answers(policy, tokenizer, prompts, cfg, device, batch_size, static_width, step, tools)
     lengths = [len(x) for x in ids]
     samples = [p for p in prompts for _ in range(k)]
     thinking = [p.thinking_open for p in samples]
@@ -188,6 +197,10 @@ def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batc
     if k > 1:
         metrics["eval/samples_per_prompt"] = float(k)
         metrics.update(pass_metrics(correct, scored, k))
+    if turns is not None:
+        calls = [sum(t["call"] is not None and t["output"] is not None for t in ts) for ts in turns]
+        metrics["eval/tools/calls_per_response"] = sum(calls) / len(calls)
+        metrics["eval/tools/used_fraction"] = sum(c > 0 for c in calls) / len(calls)
     if len(kept) < len(samples):
         metrics["eval/unscored"] = float(len(samples) - len(kept))
     by_verifier = defaultdict(list)
@@ -204,7 +217,8 @@ def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batc
     records = [
         {"prompt": _question(p), **({"sample": i % k} if k > 1 else {}), "response": t, "ground_truth": p.ground_truth,
          "verifiers": p.verifiers, "reward": rewards[i], "verifier_score": values[i], "success": bool(correct[i]), "scored": scored[i],
-         "finish_reason": reasons[i], "length": lengths[i], "source": f"{p.source} row {p.row}"}
+         "finish_reason": reasons[i], "length": lengths[i], "source": f"{p.source} row {p.row}",
+         **({} if turns is None else {"response": whole[i], "answer": t, "turns": turns[i]})}
         for i, (p, t) in enumerate(zip(samples, texts))
     ]
     return metrics, records

@@ -158,6 +158,8 @@ def dump_rollouts(run_dir: str, step: int, prompts, rollouts, scores, advantages
                 "advantage": advantages[i],
                 "finish_reason": rollouts.finish_reasons[i],
                 "length": lengths[i],
+                **({} if rollouts.turns is None else {"turns": rollouts.turns[i], "tool_output_tokens": int(rollouts.tool_mask[i].sum()),
+                                                       "trained_tokens": int(rollouts.response_mask[i].sum())}),
                 "zero_std_group": zero_std[i],
                 "in_loss": i in in_loss,
                 "computed": i in computed,

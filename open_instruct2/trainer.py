@@ -196,7 +196,8 @@ def evaluate_if_due(run: Run, step: int) -> None:
         run.profiler.phase = f"step {step} eval"
     start = time.perf_counter()
     metrics, records = evaluate(run.generation.model(), run.tokenizer, run.eval_prompts, cfg, run.runtime.device, eval_batch_size(cfg),
-                                static_width=run.generation.static_width, rubrics=run.rubrics, reward_funcs=run.reward_funcs, step=step)
+                                static_width=run.generation.static_width, rubrics=run.rubrics, reward_funcs=run.reward_funcs, step=step,
+                                tools=run.tools)
     metrics["eval/seconds"] = time.perf_counter() - start
     run.tracker.log_eval(step, metrics)
     run.evals.append((step, metrics))

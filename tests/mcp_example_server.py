@@ -20,6 +20,12 @@ def add(a: int, b: int) -> int:
 
 
 @server.tool()
+def calculator(expression: str) -> str:
+    """Evaluate a sum of integers such as '19 + 24' (for the end-to-end tool test: the policy calls it by this name)."""
+    return str(sum(int(part) for part in expression.split("+")))
+
+
+@server.tool()
 def echo(text: str) -> str:
     """Return the text unchanged."""
     return text

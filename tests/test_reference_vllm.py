@@ -307,10 +307,13 @@ def run_killing_the_server_after_step_1(args, tmp_path):
 
 def test_launch_local_vllm_survives_a_killed_server(tmp_path):
     """launch_local_vllm end to end: the server is killed after step 1, relaunched, and the run completes.
-    The key is in no command line, log, config or TensorBoard file, and no server process is left."""
+    The key is in no command line, log, config, TensorBoard or memory-profile file, and no server process is left.
+    The run is profiled at 1 s (one launched run serves both checks: a launch costs a minute here): the vLLM server
+    and its workers are attributed apart from the trainer, every step marker is there, and the four files exist."""
     port = free_port()
     args = e2e_args(tmp_path, "--reference_mode", "launch_local_vllm", "--reference_launch_port", port,
-                    "--reference_api_key", API_KEY, "--num_training_steps", "3", "--filter_zero_std_groups", "false")
+                    "--reference_api_key", API_KEY, "--num_training_steps", "3", "--filter_zero_std_groups", "false",
+                    "--enable_memory_profile", "true", "--memory_profile_interval_s", "1")
     proc, stdout, stderr, server, command = run_killing_the_server_after_step_1(args, tmp_path)
     metrics = tmp_path / "out" / "r" / "metrics.jsonl"
     assert API_KEY not in command
@@ -324,6 +327,21 @@ def test_launch_local_vllm_survives_a_killed_server(tmp_path):
     run_dir = tmp_path / "out" / "r"
     assert (run_dir / "vllm_reference.log").read_text().count("=== open-instruct2: starting") == 2
     assert_key_nowhere(run_dir, stdout, stderr)
+    assert_memory_profile(run_dir / "memory_profile")
+
+
+def assert_memory_profile(folder):
+    assert sorted(os.listdir(folder)) == ["memory_samples.csv", "memory_samples.jsonl", "memory_summary.json", "memory_summary.md"]
+    summary = json.loads((folder / "memory_summary.json").read_text())
+    assert summary["peak_children"]["mb"] > 1000  # the vLLM server (SmolLM2 in fp32 plus its KV cache) ...
+    assert any("vllm" in c["cmd"] for c in summary["top_children"])
+    assert summary["peak_trainer"]["mb"] > 300  # ... apart from the trainer
+    assert summary["peak_total"]["mb"] >= max(summary["peak_children"]["mb"], summary["peak_trainer"]["mb"])
+    markers = [json.loads(line)["marker"] for line in (folder / "memory_samples.jsonl").read_text().splitlines()]
+    for step in (1, 2, 3):
+        for suffix in ("start", "after_rollout", "after_reward", "after_reference", "after_update", "end"):
+            assert f"step_{step}_{suffix}" in markers
+    assert "reference" in summary["by_phase"] and summary["by_phase"]["reference"]["children_mb"] > 1000
 
 
 def test_sigterm_saves_a_resumable_state_and_stops_the_launched_server(tmp_path):

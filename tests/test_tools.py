@@ -45,6 +45,7 @@ def test_the_tags_parser_finds_the_call_a_segment_ends_with():
     assert (call.name, call.arguments, call.problem) == ("calculator", {"expression": "19 + 24"}, None)
     assert parser.find_call('<add>{"a": 2, "b": 3}</add>').arguments == {"a": 2, "b": 3}  # several arguments: a JSON object
     assert parser.find_call("no call here") is None
+    assert parser.find_call("<calculator>1+1</calculator><").arguments == {"expression": "1+1"}  # what the tag's last token carried
     assert parser.find_call("<calculator>1+1</calculator> and then more text") is None  # not at the end: not a finished call
     assert "opening tag" in parser.find_call("19 + 24</calculator>").problem
     assert "JSON object" in parser.find_call("<add>2, 3</add>").problem

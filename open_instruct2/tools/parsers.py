@@ -30,6 +30,10 @@ class Call:
     """Why the call could not be parsed: the model reads it as the tool's output, and it counts in tools/errors."""
 
 
+TRAILING_CHARS = 4
+"""A segment stops on the token that completes a closing tag; that token may carry a few characters more."""
+
+
 class TagsParser:
     """`<name>input</name>` -> a call of tool `name`; the output is appended as <output>...</output>."""
 
@@ -38,11 +42,11 @@ class TagsParser:
         self.stop_strings = [f"</{name}>" for name in tools]
 
     def find_call(self, text: str) -> Call | None:
-        """The call that `text` (one segment the model wrote) ends with: its last closing tag of a tool, with no
-        text after it but what its last token carried (whitespace)."""
+        """The call that `text` (one segment the model wrote, ended by a stop string) ends with: its last closing tag
+        of a tool, followed by at most what the tag's last token carried (TRAILING_CHARS; e.g. '><' or '>\n')."""
         ends = [(text.rfind(f"</{name}>"), name) for name in self.tools]
         at, name = max(ends)
-        if at < 0 or text[at + len(name) + 3 :].strip():
+        if at < 0 or len(text) - (at + len(name) + 3) > TRAILING_CHARS:
             return None
         opening = text.rfind(f"<{name}>", 0, at)
         if opening < 0:
