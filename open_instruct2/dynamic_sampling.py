@@ -35,7 +35,7 @@ from .losses import zero_std_groups
 from .rewards import Scores
 from .rollout import Rollouts
 
-COUNT_SUFFIXES = ("errors", "failed", "failures", "calls", "retries", "responses", "items", "no_final_answer", "added",
+COUNT_SUFFIXES = ("errors", "timeouts", "failed", "failures", "calls", "retries", "responses", "items", "no_final_answer", "added",
                   "retired", "readded_static", "active", "skipped_prompts")
 """A metric whose last name part ends in one of these is a count over the batch: the rounds' values add up."""
 RUNNING_TOTALS = ("rollout/server_relaunches",)

@@ -252,9 +252,10 @@ class HFEngine:
                                  stop_strings=stop_strings, shared_prefix=shared_prefix_for(self.shared_prefix, batch.prompts, num_samples),
                                  **self.settings)
 
-    def more(self, sequences: list[list[int]], prompt_index: list[int], max_new_tokens: int, stop_strings: list[str]) -> Rollouts:
+    def more(self, sequences: list[list[int]], prompt_index: list[int], budgets: list[int], stop_strings: list[str]) -> Rollouts:
+        """The rows generate together, to the largest budget (the loop cuts each row to its own)."""
         settings = {**self.settings, "static_width": None}  # the rows' widths change every round: no one cache shape to keep
-        return generate_rows(self.model, self.tokenizer, sequences, prompt_index, group_size=1, response_length=max_new_tokens,
+        return generate_rows(self.model, self.tokenizer, sequences, prompt_index, group_size=1, response_length=max(budgets),
                              stop_strings=stop_strings, **settings)
 
 

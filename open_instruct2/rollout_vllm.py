@@ -215,15 +215,16 @@ class VLLMRollouts:
         """This server as the tool loop's engine (tools/loop.py), seeded from `seed`."""
         return VLLMEngine(self, seed)
 
-    def sample(self, prompts: list[list[int]], prompt_index: list[int], num_samples: int, seed: int, max_tokens: int,
+    def sample(self, prompts: list[list[int]], prompt_index: list[int], num_samples: int, seed: int, max_tokens: int | list[int],
                stops: list[str] | None) -> Rollouts:
-        """num_samples continuations of each row of token ids in `prompts` (at most max_tokens each); sample i of the
-        result belongs to prompt prompt_index[i // num_samples]."""
+        """num_samples continuations of each row of token ids in `prompts` (at most max_tokens each, or max_tokens[p] for
+        row p); sample i of the result belongs to prompt prompt_index[i // num_samples]."""
         ro = self.cfg.rollout
+        limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
 
         def payload(p: int) -> dict:  # built after a sync: the adapter's name changes with it
             return {
-                "model": self.served_name, "prompt": [prompts[p]], "n": num_samples, "max_tokens": max_tokens,
+                "model": self.served_name, "prompt": [prompts[p]], "n": num_samples, "max_tokens": limits[p],
                 "temperature": 1.0,  # the server's logits are already divided by --temperature (vllm_plugin.py)
                 "top_p": ro.top_p, "seed": (seed + p * num_samples) % 2**31, "logprobs": 0, "return_token_ids": True,
                 "skip_special_tokens": True, "stop": stops or [], "include_stop_str_in_output": True,
@@ -256,7 +257,7 @@ class VLLMRollouts:
                 self.adapter_name = None  # a new server has the starting weights and no adapter: push the current ones
                 stats = self.sync()
                 choices = request_all()
-            rollouts = rollouts_from_choices(choices, prompts, num_samples, self.tokenizer, max_tokens, self.runtime.device)
+            rollouts = rollouts_from_choices(choices, prompts, num_samples, self.tokenizer, max(limits), self.runtime.device)
             rollouts.prompt_index = [prompt_index[i // num_samples] for i in range(len(prompts) * num_samples)]
         except (ServerFailure, UserError) as e:
             raise RolloutFailure(str(e)) from None
@@ -289,10 +290,11 @@ class VLLMEngine:
     def first(self, batch: PromptBatch, num_samples: int, stop_strings: list[str]) -> Rollouts:
         return self.server.generate(batch, num_samples=num_samples, seed=self.seed, stop_strings=stop_strings)
 
-    def more(self, sequences: list[list[int]], prompt_index: list[int], max_new_tokens: int, stop_strings: list[str]) -> Rollouts:
+    def more(self, sequences: list[list[int]], prompt_index: list[int], budgets: list[int], stop_strings: list[str]) -> Rollouts:
+        """One request per row with its own budget (a row further along may not ask for more than the context has left)."""
         self.rounds += 1
         seed = self.seed + self.rounds * 1_000_003
-        return self.server.sample(sequences, prompt_index, 1, seed, max_new_tokens, stop_strings)
+        return self.server.sample(sequences, prompt_index, 1, seed, budgets, stop_strings)
 
 
 def clear_adapter_folders(weights_dir: str) -> None:

@@ -120,17 +120,25 @@ def train(cfg: Config, stop: StopRequest | None = None) -> str:
     finally:
         stop.armed = False
         if run is not None:
-            run.tracker.close()
-            if run.reference is not None:
-                run.reference.close()
-            if run.rollout_server is not None:
-                run.rollout_server.close()
-            if run.tools is not None:
-                run.tools.runner.close()
+            close_run(run)
         if profiler is not None:
             profiler.stop()
     plot_run(run.derived.run_dir)
     return run.derived.run_dir
+
+
+def close_run(run: Run) -> None:
+    """Tools, servers and the tracker are each closed even when another one's close fails (the first error is raised)."""
+    closers = [c.close for c in (run.reference, run.rollout_server) if c is not None]
+    closers += [run.tools.runner.close] if run.tools is not None else []
+    failure = None
+    for close in [run.tracker.close, *closers]:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - the others still close
+            failure = failure or e
+    if failure is not None:
+        raise failure
 
 
 def save_due(run: Run, step: int, force_state: bool = False) -> str | None:

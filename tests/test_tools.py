@@ -122,16 +122,17 @@ class ScriptedEngine:
     like an engine does: at a stop string (kept), at eos, or at max_new_tokens."""
 
     def __init__(self, tokenizer, script):
-        self.tok, self.script, self.calls = tokenizer, script, []
+        self.tok, self.script, self.calls, self.budgets = tokenizer, script, [], []
 
     def first(self, batch, num_samples, stop_strings):
         rows = [p.prompt_ids for p in batch.prompts for _ in range(num_samples)]
-        return self.more(rows, [i for i in range(len(batch.prompts)) for _ in range(num_samples)], 1000, stop_strings)
+        return self.more(rows, [i for i in range(len(batch.prompts)) for _ in range(num_samples)], [1000] * len(rows), stop_strings)
 
-    def more(self, sequences, prompt_index, max_new_tokens, stop_strings):
+    def more(self, sequences, prompt_index, budgets, stop_strings):
         self.calls.append(len(sequences))
+        self.budgets.append(list(budgets))
         outs, reasons = [], []
-        for seq in sequences:
+        for seq, max_new_tokens in zip(sequences, budgets):
             text = self.script(self.tok.decode(seq))
             cut = min([text.index(s) + len(s) for s in stop_strings if s in text], default=None)
             ids = self.tok.encode(text if cut is None else text[:cut], add_special_tokens=False)
@@ -238,3 +239,46 @@ def test_with_the_mask_on_tool_output_gets_no_gradient(tokenizer, tiny_model_dir
     per_position = logits.grad.abs().sum(dim=-1)  # (N, T)
     assert (per_position[out.tool_mask.bool()] == 0).all()
     assert (per_position[out.response_mask.bool()] > 0).any()
+
+
+def test_each_row_continues_with_its_own_budget_and_an_eos_at_the_limit_is_a_stop(tokenizer):
+    """A row further along asks for fewer tokens (a vLLM request beyond the context would be refused)."""
+    call = "<calculator>1 + 1</calculator>"
+    engine = ScriptedEngine(tokenizer, lambda text: call)
+    batch = batch_of(tokenizer, ["Q: 1 + 1?", "Q: a longer question, 2 + 2?"])
+    rollouts_with_tools(engine, tool_use(tokenizer, max_tool_calls=2), batch, num_samples=1, response_length=100, stop_strings=None)
+    used = len(tokenizer.encode(call, add_special_tokens=False)) + len(tokenizer.encode("<output>\n2\n</output>\n", add_special_tokens=False))
+    assert engine.budgets[1] == [100 - used, 100 - used] and engine.budgets[2][0] < engine.budgets[1][0]
+    answer = "#### 2"
+    n = len(tokenizer.encode(answer, add_special_tokens=False)) + 1  # with eos
+    exact = rollouts_with_tools(ScriptedEngine(tokenizer, lambda text: answer + "<eos>"), tool_use(tokenizer), batch_of(tokenizer, ["Q: 2?"]),
+                                num_samples=2, response_length=n, stop_strings=None)
+    assert exact.finish_reasons == ["stop", "stop"] and int(exact.response_lengths[0]) == n
+
+
+def test_a_hung_function_does_not_hold_up_later_calls_and_sys_exit_is_an_error():
+    import threading
+
+    release = threading.Event()
+    tools = {"hang": string_tool("hang", "never answers", "x", "anything", lambda x: release.wait(60) and "late"),
+             "quit": string_tool("quit", "exits", "x", "anything", lambda x: exit(3)), "calculator": calculator_tool()}
+    from open_instruct2.tools.parsers import Call
+
+    runner = ToolRunner(tools, timeout_s=0.3, max_concurrency=1, max_output_chars=100)
+    start = time.perf_counter()
+    first = runner.run([Call("hang", {"x": "1"}), Call("hang", {"x": "2"})])
+    later = runner.run([Call("calculator", {"expression": "2 + 2"}), Call("quit", {"x": "1"})])
+    assert [o.timeout for o in first] == [True, True] and later[0].text == "4"
+    assert later[1].error and "SystemExit" in later[1].text
+    assert time.perf_counter() - start < 2.0  # the hung threads hold no slot
+    assert all(t.daemon for t in threading.enumerate() if t.name.startswith("tool-hang"))  # they never keep the process alive
+    release.set()
+
+
+def test_a_tool_with_an_invalid_argument_schema_is_refused_at_start_up():
+    from open_instruct2.errors import UserError
+    from open_instruct2.tools import check_schemas
+
+    broken = Tool("broken", "x", {"type": "object", "properties": {"a": {"type": "str"}}}, lambda args: "")
+    with pytest.raises(UserError, match="'broken' describes its arguments with an invalid JSON schema"):
+        check_schemas({"broken": broken, "calculator": calculator_tool()})

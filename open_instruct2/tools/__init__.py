@@ -7,7 +7,9 @@ base.py (the Tool type), calculator.py / python_tool.py / search.py (the builtin
 functions), mcp_tools.py (an MCP server's tools), parsers.py (tags / json call formats), runner.py (running a
 round's calls, counting faults), loop.py (the rounds)."""
 
-from ..config import Config, tools_wanted
+import jsonschema
+
+from ..config import Config, chat_template_kwargs, tools_wanted
 from ..errors import UserError
 from .base import Tool
 from .loop import ToolUse, rollouts_with_tools
@@ -53,13 +55,23 @@ def build_tools(cfg: Config, tokenizer) -> ToolUse | None:
             made += mcp_tools(t.mcp_server_command, t.tool_timeout_s)
         tools = unique_names(made)
         runner = ToolRunner(tools, t.tool_timeout_s, t.tool_max_concurrency, t.tool_max_output_chars)
-        parser = make_parser(t.tool_parser, tools, tokenizer)
+        check_schemas(tools)
+        parser = make_parser(t.tool_parser, tools, tokenizer, chat_template_kwargs(cfg.model))
     except BaseException:
         for tool in made:
             tool.close()
         raise
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     return ToolUse(parser, runner, tokenizer, t.max_tool_calls, t.mask_tool_use, eos)
+
+
+def check_schemas(tools: dict[str, Tool]) -> None:
+    """Every tool's argument schema is a valid JSON schema (an MCP server or a module could advertise a broken one)."""
+    for tool in tools.values():
+        try:
+            jsonschema.validators.validator_for(tool.parameters).check_schema(tool.parameters)
+        except jsonschema.SchemaError as e:
+            raise UserError(f"tool {tool.name!r} describes its arguments with an invalid JSON schema ({e.message}); fix the tool's signature or server") from None
 
 
 def unique_names(tools: list[Tool]) -> dict[str, Tool]:

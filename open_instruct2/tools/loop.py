@@ -2,8 +2,9 @@
 round's calls, append their outputs as tokens, continue the rows that called a tool; repeat.
 
 - An engine is anything with `first(batch, num_samples, stop_strings)` (round 1: the prompts, num_samples rows
-  each, so an engine can share a group's prompt) and `more(sequences, prompt_index, max_new_tokens, stop_strings)`
-  (the rows that called a tool, each its full token ids so far); both return a rollout.Rollouts. HF generate
+  each, so an engine can share a group's prompt) and `more(sequences, prompt_index, budgets, stop_strings)` (the rows
+  that called a tool, each its full token ids so far and the new tokens it may still take); both return a
+  rollout.Rollouts. HF generate
   (rollout.HFEngine) and the vLLM server (rollout_vllm.VLLMEngine) are the two.
 - --response_length bounds the whole response, tool output included (as open-instruct counts it): a row's later
   rounds get what is left, and an output that does not fit is cut and ends the response ('length').
@@ -83,8 +84,8 @@ def rollouts_with_tools(engine, tools: ToolUse, batch: PromptBatch, *, num_sampl
             break
         budgets = [response_length - len(rows[i].response_ids) for i in active]
         segments = engine.more([rows[i].prompt + rows[i].response_ids for i in active], [rows[i].prompt_index for i in active],
-                               max(budgets), stops)
-        segments = _cut_to(segments, budgets, tools.tokenizer)
+                               budgets, stops)
+        segments = _cut_to(segments, budgets, tools.tokenizer)  # an engine that ran every row to the largest budget
     out = assemble(rows, tools, device=first.input_ids.device, pad_id=tools.tokenizer.pad_token_id)
     out.stats = {**(first.stats or {}), **tools.runner.stats(len(rows)),
                  "tools/used_fraction": sum(r.calls > 0 for r in rows) / max(len(rows), 1)}
@@ -106,7 +107,7 @@ def _take_segment(row: Row, segments: Rollouts, at: int, tools: ToolUse, respons
     call = None if ended_by_eos or reason != "stop" else tools.parser.find_call(text)
     row.pieces.append(Piece(ids, text, logprobs or [0.0] * len(ids), call))
     if call is None:
-        row.finish = "length" if reason == "length" or len(row.response_ids) >= response_length else "stop"
+        row.finish = "length" if reason == "length" else "stop"  # an eos on the last allowed token is a stop, as without tools
         return False
     if row.calls == tools.max_tool_calls:
         row.pieces[-1].call, row.finish = None, "tool_limit"

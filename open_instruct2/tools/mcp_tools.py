@@ -15,7 +15,8 @@ the SDK's own log records (a traceback per non-JSON stdout line) go there too, a
 
 Secrets: the command line is split with shlex and run as is. The SDK does not pass our environment on: the child
 gets only HOME, LOGNAME, PATH, SHELL, TERM and USER (mcp.client.stdio.DEFAULT_INHERITED_ENV_VARS), so keys in our
-environment never reach it; a server that needs a variable gets it from the command (`env KEY=value server ...`).
+environment never reach it. A server that needs a secret should read it itself (from a file, or a wrapper script that
+exports it): --mcp_server_command is saved with the run's config like every flag, so never write a key into it.
 """
 
 import asyncio

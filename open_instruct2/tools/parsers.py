@@ -73,9 +73,9 @@ class JsonParser:
 
     stop_strings = ["</tool_call>"]
 
-    def __init__(self, tools: dict[str, Tool], tokenizer):
+    def __init__(self, tools: dict[str, Tool], tokenizer, template_kwargs: dict | None = None):
         self.tools = tools
-        self.continuation = tool_message_continuation(tokenizer)
+        self.continuation = tool_message_continuation(tokenizer, template_kwargs)
 
     def find_call(self, text: str) -> Call | None:
         match = TOOL_CALL.search(text)
@@ -102,13 +102,15 @@ class JsonParser:
 MARK = "\x00OI2-TOOL-OUTPUT\x00"
 
 
-def tool_message_continuation(tokenizer):
+def tool_message_continuation(tokenizer, template_kwargs: dict | None = None):
     """output -> the text the chat template puts after an assistant message when a tool message with that output
-    follows, up to and including the next assistant header. Found once, by rendering a conversation with a marker."""
+    follows, up to and including the next assistant header (rendered with the prompts' --chat_template_kwargs, e.g.
+    Qwen3's enable_thinking). Found once, by rendering a conversation with a marker."""
     said = "I will call the tool."
     base = [{"role": "user", "content": "Compute it."}, {"role": "assistant", "content": said}]
     try:
-        rendered = tokenizer.apply_chat_template([*base, {"role": "tool", "content": MARK}], tokenize=False, add_generation_prompt=True)
+        rendered = tokenizer.apply_chat_template([*base, {"role": "tool", "content": MARK}], tokenize=False, add_generation_prompt=True,
+                                                 **(template_kwargs or {}))
     except Exception as e:  # noqa: BLE001 - a template without tool messages
         raise UserError(f"--tool_parser json: the model's chat template cannot render a tool message ({type(e).__name__}: {str(e)[:120]}); "
                         "use --tool_parser tags, or a model whose template supports tools") from None
@@ -119,5 +121,5 @@ def tool_message_continuation(tokenizer):
     return lambda output: before + output + after
 
 
-def make_parser(kind: str, tools: dict[str, Tool], tokenizer):
-    return TagsParser(tools) if kind == "tags" else JsonParser(tools, tokenizer)
+def make_parser(kind: str, tools: dict[str, Tool], tokenizer, template_kwargs: dict | None = None):
+    return TagsParser(tools) if kind == "tags" else JsonParser(tools, tokenizer, template_kwargs)

@@ -5,9 +5,9 @@ schema, a tool that raises and a call past --tool_timeout_s each give the model 
 counted (tools/errors, tools/timeouts). Outputs longer than --tool_max_output_chars are cut, with a note."""
 
 import statistics
+import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import jsonschema
@@ -26,29 +26,42 @@ class Outcome:
 
 
 class ToolRunner:
+    """Each call runs on a daemon thread of its own, at most max_concurrency at once (in waves). A call past the timeout
+    is given up on: its thread (a Python function cannot be interrupted) runs on without holding a slot or keeping the
+    process from exiting."""
+
     def __init__(self, tools: dict[str, Tool], timeout_s: float, max_concurrency: int, max_output_chars: int):
-        self.tools, self.timeout_s, self.max_output_chars = tools, timeout_s, max_output_chars
-        self.pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="tool")
+        self.tools, self.timeout_s, self.max_concurrency, self.max_output_chars = tools, timeout_s, max_concurrency, max_output_chars
         self.reset_stats()
 
     def reset_stats(self) -> None:
         self.calls, self.errors, self.timeouts, self.seconds = Counter(), 0, 0, []
 
     def run(self, calls: list[Call]) -> list[Outcome]:
-        """Every call of a round at once (at most --tool_max_concurrency running); outcomes in the calls' order."""
-        futures = [self.pool.submit(self._one, call) for call in calls]
+        """Every call of a round (at most --tool_max_concurrency running at once); outcomes in the calls' order."""
         outcomes = []
-        for call, future in zip(calls, futures):
-            try:
-                outcome = future.result(timeout=self.timeout_s + 5 if self._own_timeout(call) else self.timeout_s)
-            except FutureTimeout:  # the function runs on in its thread; the model is told and the call is counted
-                outcome = Outcome(f"error: {call.name} did not answer within {self.timeout_s:g} s", error=True, timeout=True,
-                                  seconds=self.timeout_s)
+        for start in range(0, len(calls), self.max_concurrency):
+            outcomes += self._wave(calls[start : start + self.max_concurrency])
+        for call, outcome in zip(calls, outcomes):
             self.calls[call.name if call.name in self.tools else "unknown"] += 1
             self.errors += outcome.error
             self.timeouts += outcome.timeout
             self.seconds.append(outcome.seconds)
-            outcomes.append(outcome)
+        return outcomes
+
+    def _wave(self, calls: list[Call]) -> list[Outcome]:
+        boxes = [[] for _ in calls]
+        threads = [threading.Thread(target=lambda c=c, b=b: b.append(self._one(c)), daemon=True, name=f"tool-{c.name}")
+                   for c, b in zip(calls, boxes)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        outcomes = []
+        for call, thread, box in zip(calls, threads, boxes):
+            grace = 5.0 if self._own_timeout(call) else 0.0  # a tool that times itself out gets to say so
+            thread.join(max(0.0, started + self.timeout_s + grace - time.monotonic()))
+            outcomes.append(box[0] if box else Outcome(f"error: {call.name} did not answer within {self.timeout_s:g} s", error=True,
+                                                       timeout=True, seconds=self.timeout_s))
         return outcomes
 
     def _own_timeout(self, call: Call) -> bool:
@@ -64,12 +77,16 @@ class ToolRunner:
             jsonschema.validate(call.arguments, tool.parameters)
         except jsonschema.ValidationError as e:
             return self._error(f"wrong arguments for {call.name}: {e.message}")
+        except jsonschema.SchemaError as e:  # checked at start-up (tools.check_schemas); never let it end the run
+            return self._error(f"{call.name} has an invalid argument schema: {e.message}")
         start = time.perf_counter()
         try:
             text = tool.run(call.arguments)
         except ToolTimeout as e:
             return self._error(str(e), timeout=True, seconds=time.perf_counter() - start)
-        except Exception as e:  # noqa: BLE001 - a tool's own failure is the model's to read, and counted
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - a tool's own failure (sys.exit included) is the model's to read, and counted
             return self._error(str(e) if isinstance(e, ToolError) else f"{type(e).__name__}: {e}", seconds=time.perf_counter() - start)
         return Outcome(self._cut(str(text)), seconds=time.perf_counter() - start)
 
@@ -90,7 +107,6 @@ class ToolRunner:
         return metrics
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
         closed = set()
         for tool in self.tools.values():
             if id(tool.close) not in closed:

@@ -47,6 +47,8 @@ def read_corpus(corpus_path: str) -> list[Document]:
                     documents.append(parse_line(line, f"--search_corpus {corpus_path} line {number}"))
     except UnicodeDecodeError:
         raise UserError(f"--search_corpus {corpus_path} line {number + 1}: not UTF-8 text; save the file as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"--search_corpus {corpus_path}: cannot read it ({e.strerror}); check the file's permissions") from None
     if not documents:
         raise UserError(f"--search_corpus {corpus_path}: the file has no documents; write {CORPUS_FIX}")
     return documents
