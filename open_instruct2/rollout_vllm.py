@@ -194,7 +194,9 @@ class VLLMRollouts:
                 self.client._request("POST", "/v1/unload_lora_adapter", {"lora_name": old}, retries=0, json_reply=False)
             except (ServerFailure, UserError) as e:  # a relaunched server never had it
                 log.debug("rollout: unloading %s: %s", old, e)
-            shutil.rmtree(os.path.join(os.path.dirname(folder), f"v{self.version - 1}"), ignore_errors=True)
+        for other in os.listdir(os.path.dirname(folder)):  # every older version, one a dead server never loaded included
+            if re.fullmatch(r"v\d+(\.partial)?", other) and other != f"v{self.version}":
+                shutil.rmtree(os.path.join(os.path.dirname(folder), other), ignore_errors=True)
         return written
 
     @property

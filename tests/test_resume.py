@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from conftest import REPO, assert_one_line_error, tiny_config
 from open_instruct2 import checkpoint, trainer, update
 from open_instruct2.errors import UserError
+from open_instruct2.rollout import generate_rollouts
 from open_instruct2.signals import Stopped, StopRequest
 from test_train_e2e import tiny_args
 
@@ -218,8 +219,8 @@ def test_a_nonfinite_gradient_leaves_weights_and_adam_untouched(tmp_path, tiny_m
     cfg = tiny_config(tmp_path, tiny_model_dir, train_mode="full")
     run = trainer.setup(cfg)
     batch = trainer.next_batch(run.prompts, run.sampler, 2)
-    rollouts = trainer.generate_rollouts(run.policy, run.tokenizer, batch, num_samples=3, response_length=8, temperature=0.7, top_p=1.0,
-                                         stop_strings=None, device=torch.device("cpu"))
+    rollouts = generate_rollouts(run.policy, run.tokenizer, batch, num_samples=3, response_length=8, temperature=0.7, top_p=1.0,
+                                 stop_strings=None, device=torch.device("cpu"))
     before = {n: p.detach().clone() for n, p in run.policy.named_parameters()}
     rows = update.LossRows(list(range(6)), list(range(6)))
     metrics = update.update_policy(run, rollouts, torch.tensor([1.0, float("nan"), 0.5, -0.5, 2.0, -2.0]), None, rows)

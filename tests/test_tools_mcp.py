@@ -49,7 +49,7 @@ def tools(tmp_path_factory):
 
 
 def test_lists_the_tools_with_their_schemas(tools):
-    assert set(tools) == {"add", "echo", "fail", "slow"}
+    assert set(tools) == {"add", "calculator", "echo", "fail", "slow"}
     add = tools["add"].parameters
     assert add["type"] == "object" and add["required"] == ["a", "b"]
     assert add["properties"]["a"]["type"] == add["properties"]["b"]["type"] == "integer"
