@@ -215,10 +215,10 @@ def evaluate(policy, tokenizer, prompts: list[Prompt], cfg: Config, device, batc
             if set(name.split("+")) & set(RUBRIC_VERIFIERS):  # a rubric score is rarely a perfect 1: its mean says more
                 metrics[f"eval/{name}/score_mean"] = _mean([values[i] for i in rows])
     records = [
-        {"prompt": _question(p), **({"sample": i % k} if k > 1 else {}), "response": t, "ground_truth": p.ground_truth,
+        {"prompt": _question(p), **({"sample": i % k} if k > 1 else {}), "response": whole[i], "ground_truth": p.ground_truth,
          "verifiers": p.verifiers, "reward": rewards[i], "verifier_score": values[i], "success": bool(correct[i]), "scored": scored[i],
          "finish_reason": reasons[i], "length": lengths[i], "source": f"{p.source} row {p.row}",
-         **({} if turns is None else {"response": whole[i], "answer": t, "turns": turns[i]})}
+         **({} if turns is None else {"answer": t, "turns": turns[i]})}
         for i, (p, t) in enumerate(zip(samples, texts))
     ]
     return metrics, records

@@ -309,17 +309,14 @@ def generate(run: Run, batch: PromptBatch) -> Rollouts:
     the multi-turn loop over either (tools/loop.py)."""
     ro = run.cfg.rollout
     if run.rollout_server is not None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)))
-        if run.tools is not None:
-            return rollouts_with_tools(run.rollout_server.engine(seed), run.tools, batch, num_samples=ro.num_samples_per_prompt_rollout,
-                                       response_length=ro.response_length, stop_strings=ro.stop_strings)
-        return run.rollout_server.generate(batch, num_samples=ro.num_samples_per_prompt_rollout, seed=seed)
-    engine = HFEngine(run.generation.model(), run.tokenizer, response_length=ro.response_length, shared_prefix=run.cfg.model.shared_prefix,
-                      temperature=ro.temperature, top_p=ro.top_p, device=run.runtime.device, static_width=run.generation.static_width)
-    if run.tools is not None:
-        return rollouts_with_tools(engine, run.tools, batch, num_samples=ro.num_samples_per_prompt_rollout, response_length=ro.response_length,
-                                   stop_strings=ro.stop_strings)
-    return engine.first(batch, ro.num_samples_per_prompt_rollout, ro.stop_strings)
+        engine = run.rollout_server.engine(seed=int(torch.randint(0, 2**31 - 1, (1,))))
+    else:
+        engine = HFEngine(run.generation.model(), run.tokenizer, response_length=ro.response_length, shared_prefix=run.cfg.model.shared_prefix,
+                          temperature=ro.temperature, top_p=ro.top_p, device=run.runtime.device, static_width=run.generation.static_width)
+    if run.tools is None:
+        return engine.first(batch, ro.num_samples_per_prompt_rollout, ro.stop_strings)
+    return rollouts_with_tools(engine, run.tools, batch, num_samples=ro.num_samples_per_prompt_rollout, response_length=ro.response_length,
+                               stop_strings=ro.stop_strings)
 
 
 def score(run: Run, step: int, rollouts: Rollouts, prompts: list[Prompt]) -> Scores:

@@ -120,7 +120,7 @@ def _take_segment(row: Row, segments: Rollouts, at: int, tools: ToolUse, respons
 
 def _append_output(row: Row, output: str, tools: ToolUse, response_length: int) -> bool:
     """Append a tool's output as tokens; True when the row continues (budget left)."""
-    text = tools.parser.output_text(output, tools.tokenizer)
+    text = tools.parser.output_text(output)
     ids = tools.tokenizer.encode(text, add_special_tokens=False)
     left = response_length - len(row.response_ids)
     row.calls += 1

@@ -61,7 +61,7 @@ class TagsParser:
             return Call(name, None, f"{name} takes a JSON object of its arguments between the tags ({e.msg})")
         return Call(name, arguments, None if isinstance(arguments, dict) else f"{name} takes a JSON object of its arguments")
 
-    def output_text(self, output: str, tokenizer=None) -> str:
+    def output_text(self, output: str) -> str:
         return f"<output>\n{output}\n</output>\n"
 
 
@@ -95,7 +95,7 @@ class JsonParser:
                 pass
         return Call(call["name"], arguments, None if isinstance(arguments, dict) else '"arguments" must be a JSON object')
 
-    def output_text(self, output: str, tokenizer=None) -> str:
+    def output_text(self, output: str) -> str:
         return self.continuation(output)
 
 
