@@ -17,9 +17,10 @@ judge call and reward-function call included, whether or not its group was kept.
 How the batch-level metrics of several rounds are merged (`merge_metrics`, one dict per round; a round without a
 key does not count for it):
 - counts add up: names whose last part ends in one of COUNT_SUFFIXES (reward/verifier_errors, reward/<fn>/errors,
-  reward/functions_failed, rubric/judge_calls, rubric/judge_failures, rubric/judge_retries, rubric/unscored_responses,
-  rubric/dropped_items, rubric/no_final_answer, rubric/added, rubric/retired, rubric/readded_static, rubric/active,
-  rubric/skipped_prompts), and so do seconds (time/..., e.g. the vLLM weight sync);
+  reward/functions_failed, rubric/judge_calls, rubric/judge_failures, rubric/judge_retries,
+  rubric/judge_truncated_replies, rubric/unscored_responses, rubric/dropped_items, rubric/no_final_answer,
+  rubric/added, rubric/retired, rubric/readded_static, rubric/active, rubric/skipped_prompts), and so do seconds
+  (time/..., e.g. the vLLM weight sync);
 - running totals of the run (RUNNING_TOTALS: rollout/server_relaunches) take the last round's value;
 - rates with a known numerator and denominator (RATES: rubric/judge_failure_rate) are recomputed from the summed counts;
 - everything else (means, stds, fractions, latency percentiles) is averaged, weighted by the round's sample count.
@@ -35,8 +36,8 @@ from .losses import zero_std_groups
 from .rewards import Scores
 from .rollout import Rollouts
 
-COUNT_SUFFIXES = ("errors", "timeouts", "failed", "failures", "calls", "retries", "responses", "items", "no_final_answer", "added",
-                  "retired", "readded_static", "active", "skipped_prompts")
+COUNT_SUFFIXES = ("errors", "timeouts", "failed", "failures", "calls", "retries", "replies", "responses", "items", "no_final_answer",
+                  "added", "retired", "readded_static", "active", "skipped_prompts")
 """A metric whose last name part ends in one of these is a count over the batch: the rounds' values add up."""
 RUNNING_TOTALS = ("rollout/server_relaunches",)
 """Counts since the start of the run: the last round's value is the step's."""

@@ -9,6 +9,10 @@
   the rest of the run. Replies are parsed tolerantly either way (code fences, prose around the object,
   doubled braces), then validated: a schema fixes the shape, not the sense (a score of 7 on a 0-2 scale is a
   failure, not a 2).
+- A reply cut off at `--llm_judge_max_tokens` (finish reason "length": small judges ramble inside a string) is
+  read for what it wrote in full: `partial-json-parser` keeps the closed strings, objects and arrays and drops the
+  unfinished value (never half a description, never the "1" of a "10"); the validator then decides as usual, and
+  the result says it was truncated (counted as rubric/judge_truncated_replies).
 - Concurrency: `ask_all` runs a step's requests on `--llm_judge_max_concurrency` threads.
 - Failures are results, never exceptions and never a made-up score: `JudgeResult.value` is None and `error`
   says why (an HTTP error, a timeout, a reply with no choices or no text, one that does not validate, or anything
@@ -53,6 +57,10 @@ class JudgeResult:
     """The validated JSON object, or None when the call failed."""
     error: str | None
     seconds: float
+    answered: bool = False
+    """The server sent a reply (usable or not): False for timeouts, connection and HTTP errors."""
+    truncated: bool = False
+    """The reply stopped at max_tokens and `value` holds only what it wrote in full."""
 
 
 def resolve_base_url(flag: str | None) -> str:
@@ -92,15 +100,33 @@ def parse_json_object(text: str) -> dict:
     raise ValueError(f"no JSON object in the reply: {text[:120]!r}")
 
 
-def reply_text(reply) -> str:
-    """The text of a chat completion's first choice; ValueError (an unusable reply, counted) when there is none."""
+def truncated_json_object(text: str) -> dict:
+    """What a JSON object cut off mid-reply wrote in full: closed strings, arrays and objects; the unfinished
+    value (a string, a number, a key) is dropped. ValueError when there is no object to read."""
+    from partial_json_parser import Allow, loads
+
+    start = text.find("{")
+    if start < 0:
+        raise ValueError(f"no JSON object in the truncated reply: {text[:120]!r}")
+    try:
+        value = loads(text[start:], Allow.OBJ | Allow.ARR)
+    except Exception as e:  # noqa: BLE001 - the parser's own error types: any of them means nothing readable
+        raise ValueError(f"no JSON object in the truncated reply ({type(e).__name__}): {text[:120]!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"no JSON object in the truncated reply: {text[:120]!r}")
+    return value
+
+
+def reply_text(reply) -> tuple[str, str | None]:
+    """The text and finish reason of a chat completion's first choice; ValueError (an unusable reply, counted) when
+    there is no text."""
     choices = getattr(reply, "choices", None)
     if not choices:
         raise ValueError("the reply has no choices")
     content = getattr(getattr(choices[0], "message", None), "content", None)
     if not isinstance(content, str):
         raise ValueError(f"the reply's first choice has no text (finish reason {getattr(choices[0], 'finish_reason', None)!r})")
-    return content
+    return content, getattr(choices[0], "finish_reason", None)
 
 
 class Judge:
@@ -117,13 +143,19 @@ class Judge:
         """One chat request whose reply must be a JSON object that `validate` accepts (it raises ValueError)."""
         import openai
 
-        start = time.perf_counter()
+        start, answered = time.perf_counter(), False
         try:
-            text = self._complete(messages, schema, name)
-            value = validate(parse_json_object(text or ""))
-            return JudgeResult(value, None, time.perf_counter() - start)
+            text, finish_reason = self._complete(messages, schema, name)
+            answered = True
+            try:
+                obj, truncated = parse_json_object(text), False
+            except ValueError:
+                if finish_reason != "length":
+                    raise
+                obj, truncated = truncated_json_object(text), True
+            return JudgeResult(validate(obj), None, time.perf_counter() - start, answered=True, truncated=truncated)
         except ValueError as e:
-            return JudgeResult(None, f"unusable reply: {e}", time.perf_counter() - start)
+            return JudgeResult(None, f"unusable reply: {e}", time.perf_counter() - start, answered=answered)
         except openai.APITimeoutError:
             return JudgeResult(None, f"no answer within {self.settings.timeout_s:g} s (after retries)", time.perf_counter() - start)
         except openai.APIStatusError as e:
@@ -135,7 +167,8 @@ class Judge:
         except Exception as e:  # noqa: BLE001 - anything else a reply or the client throws is one failed call, never a crash
             return JudgeResult(None, f"{type(e).__name__}: {str(e)[:160]}", time.perf_counter() - start)
 
-    def _complete(self, messages: list[dict], schema: dict, name: str) -> str:
+    def _complete(self, messages: list[dict], schema: dict, name: str) -> tuple[str, str | None]:
+        """The reply's text and finish reason."""
         import openai
 
         s = self.settings

@@ -43,7 +43,8 @@ class RubricScorer:
         rc = self.cfg
         prompts = [p for p, q in enumerate(queries) if q is not None]
         entries, readded = self._entries(step, prompts, keys, statics, buffer)
-        proposals, skipped = self._proposals(prompts, queries, responses, group, entries)
+        proposals, proposal_results, proposals_retried = self._proposals(prompts, queries, responses, group, entries)
+        skipped = sum(r.value is None for r in proposal_results)
         items = {p: ([] if rc.use_likert_rubric else scoring_items(entries[p]) + proposals.get(p, [])) for p in prompts}
         judged, calls = self._judge_items(prompts, queries, responses, group, items)
         scores: list[float | None] = [None] * len(responses)
@@ -70,12 +71,14 @@ class RubricScorer:
                 "skipped": p not in proposals and rc.apply_adaptive_rubric_reward, "buffer_skipped": rc.use_rubric_buffer and not measured,
                 "scores": {r.description: _mean_std([judged[p][k][j] for k in range(group)]) for j, r in enumerate(items[p])},
             })
+        results = calls["results"] + proposal_results
         failures = sum(r.value is None for r in calls["results"])
-        asked = len(calls["results"]) + (len(prompts) if rc.apply_adaptive_rubric_reward and not rc.use_likert_rubric else 0)
+        asked = len(results)
         metrics = {
             "rubric/judge_calls": float(asked),
             "rubric/judge_failures": float(failures + skipped),
-            "rubric/judge_retries": float(calls["retried"]),
+            "rubric/judge_retries": float(calls["retried"] + proposals_retried),
+            "rubric/judge_truncated_replies": float(sum(r.truncated for r in results)),
             "rubric/judge_failure_rate": (failures + skipped) / asked if asked else 0.0,
             "rubric/unscored_responses": float(sum(1 for p in prompts for k in range(group) if scores[p * group + k] is None)),
             "rubric/dropped_items": float(dropped_total),
@@ -85,12 +88,12 @@ class RubricScorer:
             "rubric/readded_static": float(readded),
             "rubric/active": float(sum(len(items[p]) for p in prompts)),
             "rubric/skipped_prompts": float(skipped),
-            **latency_percentiles(calls["results"]),
+            **latency_percentiles(results),
         }
         answered = [s for s in scores if s is not None]
         if answered:
             metrics["rubric/reward_mean"] = sum(answered) / len(answered)
-        warn_failures(calls["results"], metrics, calls["retried"])
+        warn_failures(results, metrics, calls["retried"] + proposals_retried)
         return RubricScores(scores, metrics, records)
 
     def _entries(self, step: int, prompts: list[int], keys: list[str], statics: list[list[Rubric]], buffer: dict) -> tuple[dict, int]:
@@ -106,18 +109,18 @@ class RubricScorer:
             entries[p] = entry
         return entries, readded
 
-    def _proposals(self, prompts: list[int], queries: list[str], responses: list[str], group: int, entries: dict) -> tuple[dict, int]:
-        """Adaptive items proposed from this step's rollouts: ({prompt: new items}, prompts whose proposal failed)."""
+    def _proposals(self, prompts: list[int], queries: list[str], responses: list[str], group: int, entries: dict) -> tuple[dict, list, int]:
+        """Adaptive items proposed from this step's rollouts: ({prompt: new items}, the proposal calls' final results,
+        how many were asked again); a prompt whose proposal failed has no entry."""
         rc = self.cfg
         proposals: dict[int, list[Rubric]] = {}
         if not (rc.apply_adaptive_rubric_reward and not rc.use_likert_rubric and prompts):
-            return proposals, 0
+            return proposals, [], 0
         requests = [proposal_request(queries[p], responses[p * group : (p + 1) * group], scoring_items(entries[p]),
                                      self.judge.settings.max_context_length, rc.answer_length_limit_in_words) for p in prompts]
-        skipped = 0
-        for p, result in zip(prompts, ask_with_retry(self.proposer, requests)[0]):
+        results, retried = ask_with_retry(self.proposer, requests)
+        for p, result in zip(prompts, results):
             if result.value is None:
-                skipped += 1
                 continue
             seen, new = known_keys(entries[p]), []
             for side, weight in (("positive", 1.0), ("negative", -1.0)):
@@ -127,7 +130,7 @@ class RubricScorer:
                         seen.add(rubric.key)
                         new.append(rubric)
             proposals[p] = new
-        return proposals, skipped
+        return proposals, results, retried
 
     def _judge_items(self, prompts: list[int], queries: list[str], responses: list[str], group: int, items: dict) -> tuple[dict, dict]:
         """Every (response, item) call of the step, concurrently, the failed ones asked once more. Returns
@@ -174,15 +177,16 @@ class RubricScorer:
 
 
 def ask_with_retry(judge: Judge, requests: list) -> tuple[list[JudgeResult], int]:
-    """judge.ask_all, then every failed request once more (a hiccup of one call should not cost its item), unless
-    none was answered (an outage: another round of timeouts changes nothing). Returns (results in order, how many
-    were asked again)."""
+    """judge.ask_all, then every failed request once more (a hiccup of one call or one unusable reply should not
+    cost its item), unless the server answered none of them (an outage: another round of timeouts changes nothing; a
+    reply that did not validate is an answer). Returns (results in order, how many were asked again)."""
     results = judge.ask_all(requests)
     failed = [k for k, r in enumerate(results) if r.value is None]
-    if failed and len(failed) < len(results):  # none answered: an outage, which a second round would only make longer
-        for k, again in zip(failed, judge.ask_all([requests[k] for k in failed])):
-            if again.value is not None:
-                results[k] = again
+    if not (failed and any(r.answered for r in results)):
+        return results, 0
+    for k, again in zip(failed, judge.ask_all([requests[k] for k in failed])):
+        if again.value is not None:
+            results[k] = again
     return results, len(failed)
 
 

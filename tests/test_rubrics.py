@@ -14,7 +14,7 @@ import pytest
 
 from open_instruct2 import rubrics as R
 from open_instruct2.rubric_scorer import RubricScorer
-from open_instruct2.judge import Judge, JudgeSettings, parse_json_object
+from open_instruct2.judge import Judge, JudgeSettings, parse_json_object, truncated_json_object
 
 # ---------------------------------------------------------------- scores
 
@@ -108,13 +108,27 @@ def test_tolerant_json_parsing_and_range_validation():
         R.validate_proposal({"positive": [], "negative": []})
 
 
+def test_a_truncated_reply_keeps_only_what_it_wrote_in_full():
+    cut = '{"positive": [{"title": "Tilt", "description": "Explains the tilt"}, {"title": "Angle", "description": "Says the sun'
+    assert truncated_json_object(cut) == {"positive": [{"title": "Tilt", "description": "Explains the tilt"}, {"title": "Angle"}]}
+    assert R.validate_proposal(truncated_json_object(cut)) == {"positive": [{"title": "Tilt", "description": "Explains the tilt"}],
+                                                               "negative": []}  # the half-written item is not an item
+    assert truncated_json_object('Sure: {"score": 1') == {}  # a number being written may be the "1" of "10": dropped
+    assert truncated_json_object('{"positive": [{"title": "a", "description": "b"}], "neg') == {"positive": [{"title": "a", "description": "b"}]}
+    for nothing in ("I would say", '"score"'):
+        with pytest.raises(ValueError):
+            truncated_json_object(nothing)
+    with pytest.raises(ValueError):  # a cut before the first description ends: nothing usable, a failure like any other
+        R.validate_proposal(truncated_json_object('{"positive": [{"title": "fencing", "description": "fencing is a complex'))
+
+
 # ---------------------------------------------------------------- the judge client, against a scripted server
 
 
 class ScriptedJudge:
     """An OpenAI-compatible /v1/chat/completions that plays `script` one action per request:
     ('status', code) | ('text', reply) | ('hang', seconds) | ('refuse_schema',) (400 when response_format is sent) |
-    ('reply', body) (200 with that JSON body, e.g. no choices)."""
+    ('reply', body) (200 with that JSON body, e.g. no choices) | ('truncated', reply) (finish reason "length")."""
 
     def __init__(self, script):
         self.script, self.requests = list(script), []
@@ -141,11 +155,13 @@ class ScriptedJudge:
                         return self._json(200, self._completion('{"score": 2}'))
                     except OSError:
                         return
+                if action[0] == "truncated":
+                    return self._json(200, self._completion(action[1], "length"))
                 self._json(200, self._completion(action[1] if action[0] == "text" else '{"score": 1}'))
 
-            def _completion(self, text):
+            def _completion(self, text, finish_reason="stop"):
                 return {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}]}
 
             def _json(self, code, payload):
                 data = json.dumps(payload).encode()
@@ -189,6 +205,38 @@ def test_judge_handles_each_fault_counts_it_and_goes_on():
     assert results[6].value == {"score": 2.0}  # and the run goes on
     assert sum(r.value is None for r in results) == 5
     assert all("response_format" in body and body["response_format"]["type"] == "json_schema" for body in server.requests)
+
+
+def test_a_reply_cut_at_max_tokens_is_read_for_what_it_wrote_and_says_so():
+    proposal = '{"positive": [{"title": "Steps", "description": "Shows the steps"}, {"title": "Units", "description": "Gives the un'
+    server = ScriptedJudge([("truncated", proposal), ("text", proposal), ("truncated", '{"score": 2'), ("truncated", '{"score": 2}')])
+    try:
+        judge = judge_for(server.url)
+        cut, stopped = judge.ask_all([R.proposal_request("Q?", ["a", "b"], [], 1024, 100)] * 2)
+        number, whole = judge.ask_all(score_requests(2))
+    finally:
+        server.close()
+    assert cut.value == {"positive": [{"title": "Steps", "description": "Shows the steps"}], "negative": []} and cut.truncated
+    assert stopped.value is None and "no JSON object" in stopped.error and stopped.answered  # broken JSON that stopped: not salvaged
+    assert number.value is None and number.truncated is False and number.answered  # the cut-off score is not read as 2
+    assert whole.value == {"score": 2.0} and not whole.truncated  # a complete object at the limit is simply read
+
+
+def test_unusable_replies_are_asked_again_but_an_outage_is_not():
+    from open_instruct2.rubric_scorer import ask_with_retry
+
+    server = ScriptedJudge([("text", "no json"), ("text", "none either"), ("text", '{"score": 1}'), ("text", '{"score": 2}')])
+    try:
+        results, retried = ask_with_retry(judge_for(server.url), score_requests(2))
+    finally:
+        server.close()
+    assert retried == 2 and [r.value for r in results] == [{"score": 1.0}, {"score": 2.0}] and len(server.requests) == 4
+    server = ScriptedJudge([("status", 503), ("status", 503)])
+    try:
+        results, retried = ask_with_retry(judge_for(server.url), score_requests(2))
+    finally:
+        server.close()
+    assert retried == 0 and all(r.value is None and not r.answered for r in results) and len(server.requests) == 2
 
 
 def test_judge_retries_429_and_5xx_with_backoff():

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.vllm
 def test_adaptive_rubrics_with_a_real_judge(vllm_server, tmp_path, tiny_model_dir):
     proc = run_cli(
         "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", REPO / "examples" / "rubric_questions.jsonl", "1.0",
-        # 4 prompts x 3 steps: 12 rubric-writing calls, since a 135M judge at temperature 1 writes no usable rubric
-        # in a good share of them (2 x 2 calls came back with none about one time in three)
+        # 4 prompts x 3 steps: 12 rubric-writing calls, each asked again if unusable. At 160 tokens the 135M judge
+        # runs out inside a description in most replies; read for its complete items, 18 of 24 were usable
+        # (AVX2 EPYC, 2026-12-03), against 4 of 16 when a cut reply was a failure (CI once lost all 12)
         "--reference_mode", "in_process", "--num_unique_prompts_rollout", "4", "--num_samples_per_prompt_rollout", "2",
         "--response_length", "16", "--num_training_steps", "3", "--verification_reward", "1.0", "--output_dir", tmp_path / "out",
         "--run_name", "rub", "--llm_judge_base_url", f"{vllm_server}/v1", "--llm_judge_model", "smollm2",
@@ -31,14 +32,16 @@ def test_adaptive_rubrics_with_a_real_judge(vllm_server, tmp_path, tiny_model_di
     run_dir = tmp_path / "out" / "rub"
     records = [json.loads(line) for line in (run_dir / "adaptive_rubrics_rub.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in records}) == [1, 2, 3] and len(records) == 12  # 4 prompts x 3 steps
-    assert sum(len(r["added"]) for r in records) >= 1  # the judge wrote rubrics, and they were kept as added
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rubric_lines = [{k: round(v, 2) for k, v in m.items() if k.startswith("rubric/")} for m in lines]
+    # the judge wrote rubrics, and they were kept as added (a reply cut at 160 tokens counts for its complete items)
+    assert sum(len(r["added"]) for r in records) >= 1, f"{rubric_lines}\n{proc.stderr[-2000:]}"
     for r in records:
         assert r["query"] and r["prompt_id"].startswith(str(REPO / "examples" / "rubric_questions.jsonl"))
         assert all(a["weight"] in (1.0, -1.0) and a["description"] for a in r["added"])
         assert len(r["active"]) >= 2  # the row's own items are persistent
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     acc = scalars(run_dir)
-    for tag in ["rubric/judge_calls", "rubric/judge_failures", "rubric/added", "rubric/active", "rubric/judge_latency_p50_s",
+    for tag in ["rubric/judge_calls", "rubric/judge_failures", "rubric/judge_truncated_replies", "rubric/added", "rubric/active", "rubric/judge_latency_p50_s",
                 "rubric/skipped_prompts"]:
         assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3], tag
         assert all(tag in m for m in lines), tag
