@@ -296,6 +296,35 @@ def read_system_prompt(path: str | None) -> str | None:
         raise DataError(f"--system_prompt_file {path!r}: cannot read it ({e.strerror}); check the path") from None
 
 
+def read_few_shot(path: str | None) -> list[dict]:
+    """--few_shot_file: a JSON list of worked example turns, user first, alternating with assistant, ending with an
+    assistant turn ([] without the flag). DataError naming what is wrong."""
+    if path is None:
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            turns = json.load(f)
+    except OSError as e:
+        raise DataError(f"--few_shot_file {path!r}: cannot read it ({e.strerror}); check the path") from None
+    except ValueError as e:
+        raise DataError(f"--few_shot_file {path!r}: not JSON ({e}); it holds a list of {{role, content}} turns") from None
+    expected = ["user", "assistant"]
+    if not isinstance(turns, list) or not turns or len(turns) % 2:
+        raise DataError(f"--few_shot_file {path!r}: want a non-empty list of user/assistant turn pairs, "
+                        f"e.g. [{{\"role\": \"user\", \"content\": \"...\"}}, {{\"role\": \"assistant\", \"content\": \"...\"}}]")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("role") != expected[i % 2] or not isinstance(turn.get("content"), str) or set(turn) - {"role", "content"}:
+            raise DataError(f"--few_shot_file {path!r}: turn {i} must be {{'role': {expected[i % 2]!r}, 'content': a string}} "
+                            f"(user and assistant alternate, user first), got {str(turn)[:80]}")
+    return turns
+
+
+def with_frame(messages: list[dict], system_prompt: str | None, few_shot: list[dict]) -> list[dict]:
+    """A row's turns with --system_prompt_file's system message (replacing the row's) and the worked examples after it."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else [m for m in messages if m["role"] == "system"]
+    return system + few_shot + [m for m in messages if m["role"] != "system"]
+
+
 def tokenize_prompt(tokenizer, messages: list[dict], add_bos: bool = False, template_kwargs: dict | None = None) -> list[int]:
     """The chat template applied with a generation prompt; template_kwargs (--chat_template_kwargs) are
     passed to the template, e.g. enable_thinking=False for Qwen3."""
@@ -332,6 +361,7 @@ def build_prompts(
     flag: str = "dataset_mixer_list",
     template_kwargs: dict | None = None,
     settings: RowSettings | None = None,
+    few_shot: list[dict] | None = None,
 ) -> list[Prompt]:
     """Load, validate and tokenise the mix; drop prompts over the length limit (counted in the log)."""
     prompts, too_long, formats = [], 0, {}
@@ -344,8 +374,8 @@ def build_prompts(
             extra = sorted(set(row) - {"messages", settings.prompt_column}) if isinstance(row, dict) else []
             log.info("data: %s: %s; columns for the reward functions: %s", source, FORMATS[formats[source]], ", ".join(extra) or "none")
         messages, truths, names, columns, text = parse_row(row, where, formats[source], settings)
-        if system_prompt is not None:
-            messages = [{"role": "system", "content": system_prompt}] + [m for m in messages if m["role"] != "system"]
+        if system_prompt is not None or few_shot:
+            messages = with_frame(messages, system_prompt, few_shot or [])
         ids = tokenize_prompt(tokenizer, messages, add_bos, template_kwargs)
         if len(ids) > max_prompt_token_length:
             too_long += 1

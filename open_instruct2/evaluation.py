@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 
 from .config import STEPS_PER_DEFAULT_EVAL, Config, derive, eval_max_samples
-from .data import Prompt, PromptBatch, build_prompts, row_settings
+from .data import Prompt, PromptBatch, build_prompts, read_few_shot, row_settings
 from .rewards import compute_scores
 from .rollout import HFEngine
 from .rubrics import RUBRIC_VERIFIERS, rubric_inputs
@@ -81,7 +81,7 @@ def held_out_prompts(cfg: Config, tokenizer, system_prompt: str | None, template
     mixer, splits = eval_mixer(cfg)
     prompts = build_prompts(mixer, splits, tokenizer, cfg.data.max_prompt_token_length, system_prompt=system_prompt,
                             add_bos=cfg.model.add_bos, flag="dataset_mixer_eval_list", template_kwargs=template_kwargs,
-                            settings=row_settings(cfg))
+                            settings=row_settings(cfg), few_shot=read_few_shot(cfg.data.few_shot_file))
     if cfg.data.shuffle_eval_dataset:
         random.Random(cfg.experiment.seed).shuffle(prompts)
     return prompts[: eval_max_samples(cfg, device_type)]

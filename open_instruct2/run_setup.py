@@ -10,7 +10,7 @@ import torch
 
 from . import checkpoint, state, verifiers
 from .config import Config, Derived, chat_template_kwargs, check_run_dir_free, derive, judge_wanted
-from .data import Prompt, PromptSampler, build_prompts, read_system_prompt, row_settings, set_chat_template
+from .data import Prompt, PromptSampler, build_prompts, read_few_shot, read_system_prompt, row_settings, set_chat_template
 from .errors import UserError
 from .evaluation import eval_schedule, load_eval_prompts
 from .generation_model import GenerationModel, make_generation_model
@@ -208,6 +208,7 @@ def _setup(cfg: Config, profiler: MemoryProfiler | None, derived: Derived, runti
     prompts = build_prompts(
         cfg.data.dataset_mixer_list, cfg.data.dataset_mixer_list_splits, tokenizer, cfg.data.max_prompt_token_length,
         system_prompt=system_prompt, add_bos=cfg.model.add_bos, template_kwargs=template_kwargs, settings=row_settings(cfg),
+        few_shot=read_few_shot(cfg.data.few_shot_file),
     )
     eval_prompts = load_eval_prompts(cfg, tokenizer, system_prompt, template_kwargs, runtime.device.type)
     reward_funcs = prepare_rewards(prompts + eval_prompts, cfg, derived.num_training_steps)

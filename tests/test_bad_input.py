@@ -78,6 +78,9 @@ def cases(tmp_path, tiny_model_dir):
         "output_dir is a file": (["--output_dir", str(tmp_path / "a_file")], "is a file"),
         "output_dir under a file": (["--output_dir", str(tmp_path / "a_file" / "sub")], "is a file"),
         "system prompt missing": (["--system_prompt_file", str(tmp_path / "sys.txt")], "not found"),
+        "worked examples missing": (["--few_shot_file", str(tmp_path / "no_shots.json")], "not found"),
+        "worked examples out of order": (["--few_shot_file", rows_file(tmp_path, "shots.json", [json.dumps([{"role": "assistant", "content": "4"},
+                                          {"role": "user", "content": "2 + 2?"}])])], "turn 0 must be"),
         "verifier module missing": (["--verifier_module", str(tmp_path / "v.py")], "not found"),
         "existing run folder": (["--run_name", "existing"], "already exists"),
         # servers

@@ -82,6 +82,26 @@ def test_invalid_json_line_and_missing_file(tmp_path, tokenizer):
         data.mix(["builtin:arithmetic"], ["train"])
 
 
+def test_worked_examples_sit_after_the_system_message_and_before_the_row(tmp_path, tokenizer):
+    items = [{"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "What is 2 + 2?"}], "ground_truth": "4", "dataset": "gsm8k"}]
+    path = write_jsonl(tmp_path / "d.jsonl", items)
+    shots = tmp_path / "shots.json"
+    shots.write_text(json.dumps([{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "#### 2"}]))
+    [prompt] = data.build_prompts([path, "1.0"], ["train"], tokenizer, 256, few_shot=data.read_few_shot(str(shots)))
+    assert [m["content"] for m in prompt.messages] == ["Be terse.", "What is 1 + 1?", "#### 2", "What is 2 + 2?"]
+    assert tokenizer.decode(prompt.prompt_ids).endswith("<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n#### 2<|im_end|>\n"
+                                                        "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n")
+    [framed] = data.build_prompts([path, "1.0"], ["train"], tokenizer, 256, system_prompt="Show the steps.", few_shot=data.read_few_shot(str(shots)))
+    assert [m["content"] for m in framed.messages] == ["Show the steps.", "What is 1 + 1?", "#### 2", "What is 2 + 2?"]
+    assert data.read_few_shot(None) == [] and len(data.read_few_shot(str(data.__file__).replace("open_instruct2/data.py", "examples/calculator_few_shot.json"))) == 4
+    for bad, says in [("[]", "non-empty list"), ('[{"role": "user", "content": "q"}]', "pairs"), ("{", "not JSON"),
+                      ('[{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]', "turn 0 must be"),
+                      ('[{"role": "user", "content": "q"}, {"role": "assistant", "content": 4}]', "turn 1 must be")]:
+        shots.write_text(bad)
+        with pytest.raises(DataError, match=says):
+            data.read_few_shot(str(shots))
+
+
 def test_hub_failure_is_a_clear_error():
     # HF_DATASETS_OFFLINE=1 (conftest): the real hub path runs and fails fast without a network.
     with pytest.raises(DataError, match="cannot load hub dataset 'ai2-adapt-dev/rlvr_gsm8k_zs'"):

@@ -1,4 +1,4 @@
-"""Data flags (training and evaluation mixers, token lengths, system prompt), `parse_mixer`, and the
+"""Data flags (training and evaluation mixers, token lengths, system prompt, worked examples), `parse_mixer`, and the
 data's own checks: the lengths, then the inputs (mixer pairs, local files present). max_token_length
 against response_length: checks.py."""
 
@@ -31,6 +31,8 @@ class DataConfig:
     """Prompts longer than this (in tokens, chat template included) are dropped, with a count in the log."""
     system_prompt_file: Optional[str] = None
     """Text file whose content becomes the system message of every prompt (replacing any in the data)."""
+    few_shot_file: Optional[str] = None
+    """JSON file holding a list of worked example turns ({role: user|assistant, content}, user first, alternating, ending with an assistant turn) placed after the system message and before each prompt's own turns, in training and evaluation. New."""
     shuffle_eval_dataset: bool = False
     """Shuffle the evaluation set before taking eval_max_samples."""
     prompt_column: str = "prompt"
@@ -72,5 +74,6 @@ def check_data_inputs(data: DataConfig) -> None:
         for source, _, _ in parse_mixer(values, splits, flag):
             if source.endswith(LOCAL_SUFFIXES):
                 require(os.path.isfile(source), f"--{flag}: file {source!r} not found; check the path")
-    if data.system_prompt_file is not None:
-        require(os.path.isfile(data.system_prompt_file), f"--system_prompt_file {data.system_prompt_file!r} not found; check the path")
+    for flag in ("system_prompt_file", "few_shot_file"):
+        path = getattr(data, flag)
+        require(path is None or os.path.isfile(path), f"--{flag} {path!r} not found; check the path")
