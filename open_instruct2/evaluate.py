@@ -110,12 +110,9 @@ def _run(cfg, model: str, derived, runtime, policy, tokenizer, tools) -> str:
     from .data import read_system_prompt
     from .evaluation import describe_sampling, eval_batch_size, evaluate, held_out_prompts
     from .generation_model import make_generation_model
-    from .rollout import eos_ids
     from .run_setup import make_rubric_scorer, prepare_rewards
     from .tools import template_tools
 
-    if tools is not None:
-        tools.eos_ids = eos_ids(policy, tokenizer)
     template_kwargs = {**chat_template_kwargs(cfg.model), **template_tools(tools, cfg.tools.tool_parser)}
     prompts = held_out_prompts(cfg, tokenizer, read_system_prompt(cfg.data.system_prompt_file), template_kwargs, runtime.device.type)
     if not prompts:

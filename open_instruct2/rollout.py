@@ -246,6 +246,7 @@ class HFEngine:
 
     def __init__(self, model, tokenizer, *, response_length: int, shared_prefix: str, **settings):
         self.model, self.tokenizer, self.response_length, self.shared_prefix, self.settings = model, tokenizer, response_length, shared_prefix, settings
+        self.eos_ids = eos_ids(model, tokenizer)
 
     def first(self, batch: PromptBatch, num_samples: int, stop_strings: list[str]) -> Rollouts:
         return generate_rollouts(self.model, self.tokenizer, batch, num_samples=num_samples, response_length=self.response_length,

@@ -288,6 +288,7 @@ class VLLMEngine:
 
     def __init__(self, server: VLLMRollouts, seed: int):
         self.server, self.seed, self.rounds = server, seed, 0
+        self.eos_ids = set(server.eos)
 
     def first(self, batch: PromptBatch, num_samples: int, stop_strings: list[str]) -> Rollouts:
         return self.server.generate(batch, num_samples=num_samples, seed=self.seed, stop_strings=stop_strings)

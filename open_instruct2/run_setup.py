@@ -18,7 +18,7 @@ from .memory_profile import MemoryProfiler
 from .policy import MasterWeights, load_policy, load_tokenizer, optimizer_groups, trainable_parameters
 from .reference import Reference, make_reference
 from .reward_funcs import RewardFunctions, load_reward_funcs
-from .rollout import eos_ids, ignored_generation_settings
+from .rollout import ignored_generation_settings
 from .rollout_vllm import VLLMRollouts, make_vllm_rollouts
 from .rubric_scorer import RubricScorer
 from .rubrics import RUBRIC_VERIFIERS, make_judges, rubric_inputs
@@ -268,8 +268,6 @@ def _setup(cfg: Config, profiler: MemoryProfiler | None, derived: Derived, runti
         log.info("resume: continuing %s from step %d (state %s)", derived.run_dir, run.start_step, resume_from)
     run.rollout_server = rollout_server
     run.tools = tools
-    if tools is not None:
-        tools.eos_ids = eos_ids(policy, tokenizer)
     run.generation = make_generation_model(cfg, runtime, policy, max(len(p.prompt_ids) for p in prompts + eval_prompts),
                                            derived.num_training_steps)
     if resume_from and rollout_server is not None:

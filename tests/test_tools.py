@@ -123,6 +123,7 @@ class ScriptedEngine:
 
     def __init__(self, tokenizer, script):
         self.tok, self.script, self.calls, self.budgets = tokenizer, script, [], []
+        self.eos_ids = {tokenizer.eos_token_id}
 
     def first(self, batch, num_samples, stop_strings):
         rows = [p.prompt_ids for p in batch.prompts for _ in range(num_samples)]
@@ -166,7 +167,7 @@ def batch_of(tokenizer, questions):
 
 def tool_use(tokenizer, max_tool_calls=3, mask=True):
     tools = {"calculator": calculator_tool()}
-    return ToolUse(TagsParser(tools), ToolRunner(tools, 5.0, 4, 200), tokenizer, max_tool_calls, mask, {tokenizer.eos_token_id})
+    return ToolUse(TagsParser(tools), ToolRunner(tools, 5.0, 4, 200), tokenizer, max_tool_calls, mask)
 
 
 def arithmetic_policy(text: str) -> str:

@@ -61,8 +61,7 @@ def build_tools(cfg: Config, tokenizer) -> ToolUse | None:
         for tool in made:
             tool.close()
         raise
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    return ToolUse(parser, runner, tokenizer, t.max_tool_calls, t.mask_tool_use, eos)
+    return ToolUse(parser, runner, tokenizer, t.max_tool_calls, t.mask_tool_use)
 
 
 def check_schemas(tools: dict[str, Tool]) -> None:

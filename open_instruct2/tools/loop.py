@@ -3,8 +3,8 @@ round's calls, append their outputs as tokens, continue the rows that called a t
 
 - An engine is anything with `first(batch, num_samples, stop_strings)` (round 1: the prompts, num_samples rows
   each, so an engine can share a group's prompt) and `more(sequences, prompt_index, budgets, stop_strings)` (the rows
-  that called a tool, each its full token ids so far and the new tokens it may still take); both return a
-  rollout.Rollouts. HF generate
+  that called a tool, each its full token ids so far and the new tokens it may still take), both returning a
+  rollout.Rollouts, and `eos_ids` (the token ids it stops at: a segment ending in one calls no tool). HF generate
   (rollout.HFEngine) and the vLLM server (rollout_vllm.VLLMEngine) are the two.
 - --response_length bounds the whole response, tool output included (as open-instruct counts it): a row's later
   rounds get what is left, and an output that does not fit is cut and ends the response ('length').
@@ -59,7 +59,6 @@ class ToolUse:
     tokenizer: object
     max_tool_calls: int
     mask_tool_use: bool
-    eos_ids: set[int]
 
     @property
     def stop_strings(self) -> list[str]:
@@ -76,7 +75,7 @@ def rollouts_with_tools(engine, tools: ToolUse, batch: PromptBatch, *, num_sampl
     while True:
         wanting = []
         for at, i in enumerate(active):  # row i's new segment is row `at` of `segments`
-            if _take_segment(rows[i], segments, at, tools, response_length):
+            if _take_segment(rows[i], segments, at, tools, response_length, engine.eos_ids):
                 wanting.append(i)
         outcomes = tools.runner.run([rows[i].pieces[-1].call for i in wanting])
         active = [i for i, outcome in zip(wanting, outcomes) if _append_output(rows[i], outcome.text, tools, response_length)]
@@ -99,11 +98,11 @@ def _segment(segments: Rollouts, at: int) -> tuple[list[int], list[float], str]:
     return ids, logprobs, segments.response_texts[at]
 
 
-def _take_segment(row: Row, segments: Rollouts, at: int, tools: ToolUse, response_length: int) -> bool:
+def _take_segment(row: Row, segments: Rollouts, at: int, tools: ToolUse, response_length: int, eos: set[int]) -> bool:
     """Append row's new segment (row `at` of `segments`); True when it ends with a tool call to run."""
     ids, logprobs, text = _segment(segments, at)
     reason = segments.finish_reasons[at]
-    ended_by_eos = bool(ids) and ids[-1] in tools.eos_ids
+    ended_by_eos = bool(ids) and ids[-1] in eos
     call = None if ended_by_eos or reason != "stop" else tools.parser.find_call(text)
     row.pieces.append(Piece(ids, text, logprobs or [0.0] * len(ids), call))
     if call is None:
