@@ -320,9 +320,12 @@ def read_few_shot(path: str | None) -> list[dict]:
 
 
 def with_frame(messages: list[dict], system_prompt: str | None, few_shot: list[dict]) -> list[dict]:
-    """A row's turns with --system_prompt_file's system message (replacing the row's) and the worked examples after it."""
-    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else [m for m in messages if m["role"] == "system"]
-    return system + few_shot + [m for m in messages if m["role"] != "system"]
+    """A row's turns with --system_prompt_file's system message (replacing every one of the row's) and the worked
+    examples after the system message(s) that open the chat; the row's other turns keep their order."""
+    if system_prompt is not None:
+        return [{"role": "system", "content": system_prompt}] + few_shot + [m for m in messages if m["role"] != "system"]
+    lead = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    return messages[:lead] + few_shot + messages[lead:]
 
 
 def tokenize_prompt(tokenizer, messages: list[dict], add_bos: bool = False, template_kwargs: dict | None = None) -> list[int]:

@@ -4,7 +4,7 @@ Scores one model on held-out data without training: MODEL is a model folder, a h
 checkpoint (`<run>/checkpoints/step_<N>`) or a LoRA adapter folder (a LoRA run's folder; its base model is read
 from adapter_config.json). Every training flag is accepted and means what it means in training: the data
 (`--dataset_mixer_eval_list`, or builtin:arithmetic's test split when training data is the builtin), the prompt
-settings (system prompt, chat template and its kwargs), verifiers, reward functions, the judge, and the sampling
+settings (system prompt, worked examples, chat template and its kwargs), verifiers, reward functions, the judge, and the sampling
 (`--eval_num_samples k` for pass@k, `--eval_temperature`, `--eval_max_samples`). Prints the metrics as a table
 and writes every completion to <output_dir>/<run_name>/completions.jsonl (and the metrics to metrics.json).
 Bad input: one line on stderr, exit 2.

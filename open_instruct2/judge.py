@@ -11,8 +11,8 @@
   failure, not a 2).
 - A reply cut off at `--llm_judge_max_tokens` (finish reason "length": small judges ramble inside a string) is
   read for what it wrote in full: `partial-json-parser` keeps the closed strings, objects and arrays and drops the
-  unfinished value (never half a description, never the "1" of a "10"); the validator then decides as usual, and
-  the result says it was truncated (counted as rubric/judge_truncated_replies).
+  unfinished value (never half a description, never the "1" of a "10"); the validator then decides as usual. Every
+  reply that hit the limit, usable or not, says so (counted as rubric/judge_truncated_replies).
 - Concurrency: `ask_all` runs a step's requests on `--llm_judge_max_concurrency` threads.
 - Failures are results, never exceptions and never a made-up score: `JudgeResult.value` is None and `error`
   says why (an HTTP error, a timeout, a reply with no choices or no text, one that does not validate, or anything
@@ -60,7 +60,7 @@ class JudgeResult:
     answered: bool = False
     """The server sent a reply (usable or not): False for timeouts, connection and HTTP errors."""
     truncated: bool = False
-    """The reply stopped at max_tokens and `value` holds only what it wrote in full."""
+    """The reply stopped at max_tokens (finish reason "length"); a `value` then holds only what it wrote in full."""
 
 
 def resolve_base_url(flag: str | None) -> str:
@@ -143,19 +143,21 @@ class Judge:
         """One chat request whose reply must be a JSON object that `validate` accepts (it raises ValueError)."""
         import openai
 
-        start, answered = time.perf_counter(), False
+        start, answered, truncated = time.perf_counter(), False, False
         try:
-            text, finish_reason = self._complete(messages, schema, name)
+            reply = self._complete(messages, schema, name)
             answered = True
+            text, finish_reason = reply_text(reply)
+            truncated = finish_reason == "length"
             try:
-                obj, truncated = parse_json_object(text), False
+                obj = parse_json_object(text)
             except ValueError:
-                if finish_reason != "length":
+                if not truncated:
                     raise
-                obj, truncated = truncated_json_object(text), True
+                obj = truncated_json_object(text)
             return JudgeResult(validate(obj), None, time.perf_counter() - start, answered=True, truncated=truncated)
         except ValueError as e:
-            return JudgeResult(None, f"unusable reply: {e}", time.perf_counter() - start, answered=answered)
+            return JudgeResult(None, f"unusable reply: {e}", time.perf_counter() - start, answered=answered, truncated=truncated)
         except openai.APITimeoutError:
             return JudgeResult(None, f"no answer within {self.settings.timeout_s:g} s (after retries)", time.perf_counter() - start)
         except openai.APIStatusError as e:
@@ -165,20 +167,19 @@ class Judge:
         except openai.OpenAIError as e:
             return JudgeResult(None, f"{type(e).__name__}: {str(e)[:160]}", time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001 - anything else a reply or the client throws is one failed call, never a crash
-            return JudgeResult(None, f"{type(e).__name__}: {str(e)[:160]}", time.perf_counter() - start)
+            return JudgeResult(None, f"{type(e).__name__}: {str(e)[:160]}", time.perf_counter() - start, answered=answered, truncated=truncated)
 
-    def _complete(self, messages: list[dict], schema: dict, name: str) -> tuple[str, str | None]:
-        """The reply's text and finish reason."""
+    def _complete(self, messages: list[dict], schema: dict, name: str):
+        """The chat completion (structured when the server takes it)."""
         import openai
 
         s = self.settings
         kwargs = dict(model=s.model, messages=messages, temperature=s.temperature, max_tokens=s.max_tokens)
         if self.structured:
             try:
-                reply = self.client.chat.completions.create(
+                return self.client.chat.completions.create(
                     **kwargs, response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
                 )
-                return reply_text(reply)
             except openai.BadRequestError as e:
                 if not re.search(r"response_format|json_schema|structured|guided", str(e), flags=re.IGNORECASE):
                     raise
@@ -186,8 +187,7 @@ class Judge:
                     if self.structured:
                         log.warning("judge: %s refused structured output (%s); parsing plain replies from now on", s.base_url, str(e)[:120])
                     self.structured = False
-        reply = self.client.chat.completions.create(**kwargs)
-        return reply_text(reply)
+        return self.client.chat.completions.create(**kwargs)
 
     def ask_all(self, requests: list[tuple[list[dict], dict, str, Callable[[dict], dict]]]) -> list[JudgeResult]:
         """Every request of a step, concurrently; results in order."""

@@ -56,6 +56,8 @@ class Tracker:
             self.writer.add_text("config", config_text, 0)
         self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         self.start = time.time()
+        self.step_seconds = 0.0
+        """Seconds spent in the training steps logged so far (time/step): the ETA's rate, without set-up and evaluations."""
         self.bar = None
         self.wandb = None
         self.wandb_id: str | None = None
@@ -95,7 +97,9 @@ class Tracker:
             self.bar.update(1)
             return
         elapsed = time.time() - self.start
-        eta = elapsed / (step - self.first_step + 1) * (self.num_steps - step)
+        self.step_seconds += metrics.get("time/step", 0.0)
+        done = step - self.first_step + 1
+        eta = (self.step_seconds or elapsed) / done * (self.num_steps - step)  # evaluations to come are not in it: each says its own
         parts = " | ".join(f"{label} {value}" for label, value in shown.items())
         extra = f" | {note}" if note else ""
         print(f"step {step}/{self.num_steps} | {parts}{extra} | elapsed {format_duration(elapsed)} | eta {format_duration(eta)}", flush=True)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import REPO
 from open_instruct2 import data
 from open_instruct2.errors import ConfigError, DataError
 
@@ -93,7 +94,11 @@ def test_worked_examples_sit_after_the_system_message_and_before_the_row(tmp_pat
                                                         "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n")
     [framed] = data.build_prompts([path, "1.0"], ["train"], tokenizer, 256, system_prompt="Show the steps.", few_shot=data.read_few_shot(str(shots)))
     assert [m["content"] for m in framed.messages] == ["Show the steps.", "What is 1 + 1?", "#### 2", "What is 2 + 2?"]
-    assert data.read_few_shot(None) == [] and len(data.read_few_shot(str(data.__file__).replace("open_instruct2/data.py", "examples/calculator_few_shot.json"))) == 4
+    shot = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]
+    middle = [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "user", "content": "b"}]
+    assert data.with_frame(middle, None, shot) == shot + middle  # a system turn inside the chat stays where it is
+    assert data.with_frame([{"role": "user", "content": "q"}], None, shot) == shot + [{"role": "user", "content": "q"}]
+    assert data.read_few_shot(None) == [] and len(data.read_few_shot(str(REPO / "examples" / "calculator_few_shot.json"))) == 4
     for bad, says in [("[]", "non-empty list"), ('[{"role": "user", "content": "q"}]', "pairs"), ("{", "not JSON"),
                       ('[{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]', "turn 0 must be"),
                       ('[{"role": "user", "content": "q"}, {"role": "assistant", "content": 4}]', "turn 1 must be")]:

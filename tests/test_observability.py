@@ -87,6 +87,24 @@ def test_eval_schedule():
     assert eval_schedule(100, 0) == set()
 
 
+def test_the_eta_counts_training_steps_not_set_up_or_evaluations(tmp_path, capsys, monkeypatch):
+    """A slow set-up and a long evaluation before step 1 made the first ETA 8h26m for a run that had 70 min to go."""
+    from open_instruct2.tracking import Tracker
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)  # the plain line, not the bar
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    tracker = Tracker(str(tmp_path), 10, "cfg")
+    clock[0] += 600 + 60  # 10 min of set-up and a step-0 evaluation, then a 60 s step
+    tracker.log(1, {"time/step": 60.0})
+    clock[0] += 50
+    tracker.log(2, {"time/step": 50.0})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("elapsed 11m00s | eta 9m00s")  # 9 steps at 60 s, not at 660 s
+    assert lines[1].endswith("elapsed 11m50s | eta 7m20s")  # 8 at the mean 55 s
+    tracker.writer.close()
+
+
 def test_eval_rollout_dumps_no_update_line_and_plot(tmp_path, tiny_model_dir):
     """A tiny run with a held-out set, rollout dumps and beta 0: evaluations before training and after
     steps 2 and 4 in TensorBoard, metrics.jsonl and evals/; dumps that say what the update used; the console

@@ -218,8 +218,8 @@ def test_a_reply_cut_at_max_tokens_is_read_for_what_it_wrote_and_says_so():
         server.close()
     assert cut.value == {"positive": [{"title": "Steps", "description": "Shows the steps"}], "negative": []} and cut.truncated
     assert stopped.value is None and "no JSON object" in stopped.error and stopped.answered  # broken JSON that stopped: not salvaged
-    assert number.value is None and number.truncated is False and number.answered  # the cut-off score is not read as 2
-    assert whole.value == {"score": 2.0} and not whole.truncated  # a complete object at the limit is simply read
+    assert number.value is None and number.truncated and number.answered  # the cut-off score is not read as 2 (and hit the limit)
+    assert whole.value == {"score": 2.0} and whole.truncated  # a complete object at the limit is simply read
 
 
 def test_unusable_replies_are_asked_again_but_an_outage_is_not():
@@ -304,6 +304,23 @@ def test_a_step_of_rubric_scoring_with_failures_and_adaptive_items():
     # one answered score per item measures no variance: the new items stay active (an outage is not a verdict)
     assert [r["description"] for r in buffer["p0"]["active"]] == ["Shows the steps", "Gives a wrong number"]
     assert buffer["p0"]["inactive"] == [] and len(buffer["p0"]["persistent"]) == 1
+
+
+def test_an_unusable_proposal_is_asked_again_and_a_cut_one_counts_for_its_complete_items():
+    from open_instruct2.config import RubricConfig
+
+    cut = '{"positive": [{"title": "Steps", "description": "Shows the steps"}, {"title": "Units", "description": "Gives the'
+    script = [("text", "I cannot write criteria."), ("truncated", cut)] + [("text", '{"score": 2}')] * 4  # 2 responses x 2 items
+    server = ScriptedJudge(script)
+    try:
+        cfg = RubricConfig(apply_adaptive_rubric_reward=True, use_rubric_buffer=True, max_active_rubrics=5)
+        out = RubricScorer(cfg, judge_for(server.url)).score(1, ["p0"], ["What is 2 + 2?"], [[rub("Names the answer")]], ["4", "four"], 2, {})
+    finally:
+        server.close()
+    m = out.metrics
+    assert len(server.requests) == 6 and [a["description"] for a in out.records[0]["added"]] == ["Shows the steps"]
+    assert (m["rubric/judge_calls"], m["rubric/judge_failures"], m["rubric/judge_retries"], m["rubric/judge_truncated_replies"]) == (5, 0, 1, 1)
+    assert m["rubric/skipped_prompts"] == 0 and out.scores == [1.0, 1.0]
 
 
 POSITIVE, NEGATIVE = rub("Names the answer 4"), rub("Gives a wrong number", -1.0)
