@@ -69,11 +69,12 @@ def test_the_builtin_model_calls_the_calculator_when_shown_worked_examples(tmp_p
     """The demo's framing on the untuned builtin: its system prompt plus examples/calculator_few_shot.json as earlier
     turns (BENCHMARKS.md: 82% of answers called the tool, against 1% with the system prompt alone)."""
     args = tool_args(tmp_path, str(builtin_model_dir), (REPO / "examples" / "calculator_system_prompt.txt").read_text(), "--tools", "calculator",
-                     "--few_shot_file", REPO / "examples" / "calculator_few_shot.json", "--num_samples_per_prompt_rollout", "4")
+                     "--few_shot_file", REPO / "examples" / "calculator_few_shot.json", "--num_samples_per_prompt_rollout", "4",
+                     "--num_training_steps", "1")
     proc = run_cli(*args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = metrics_of(tmp_path)
-    assert sum(m["tools/calculator/calls"] for m in metrics) >= 2, metrics  # of 16 answers
+    assert len(metrics) == 1 and metrics[0]["tools/calculator/calls"] >= 2, metrics  # of 8 answers
     samples = dumped(tmp_path)
     assert all("23 plus 19" not in s["prompt"] for s in samples)  # the examples frame the row's question; they are not it
     assert any(s["turns"][0]["call"] is not None and s["tool_output_tokens"] > 0 for s in samples)
@@ -117,19 +118,21 @@ def test_an_mcp_servers_tools(tmp_path, tool_caller_dir):
     assert not [p for p in psutil.process_iter(["cmdline"]) if "mcp_example_server.py" in " ".join(p.info["cmdline"] or [])]
 
 
-def test_tools_on_the_vllm_rollout_server(vllm_server, builtin_model_dir, tmp_path, tool_caller_dir, monkeypatch):
-    """The suite's server takes the tool caller's weights (merged LoRA sync) and samples every round from token ids."""
+@pytest.mark.parametrize("parser, system, call_text", [("tags", TAGS_SYSTEM, "<calculator>"), ("json", JSON_SYSTEM, "<tool_call>")])
+def test_tools_on_the_vllm_rollout_server(vllm_server, builtin_model_dir, tmp_path, tool_caller_dir, monkeypatch, parser, system, call_text):
+    """The suite's server takes the tool caller's weights (merged LoRA sync) and samples every round from token ids,
+    in either call format (json: the results rendered by the chat template as tool messages, then tokenized)."""
     from test_rollout_vllm import restore_builtin_weights
     from vllm_fixtures import API_KEY
 
     monkeypatch.setenv("OPEN_INSTRUCT2_ROLLOUT_API_KEY", API_KEY)
     try:
-        proc = run_cli(*tool_args(tmp_path, tool_caller_dir, TAGS_SYSTEM, "--tools", "calculator", "--rollout_backend", "vllm",
+        proc = run_cli(*tool_args(tmp_path, tool_caller_dir, system, "--tools", "calculator", "--tool_parser", parser, "--rollout_backend", "vllm",
                                   "--rollout_vllm_endpoint", vllm_server, "--temperature", "1.0"), timeout=900)
     finally:
         restore_builtin_weights(vllm_server, builtin_model_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics, _ = assert_called_and_masked(tmp_path, "<calculator>")
+    metrics, _ = assert_called_and_masked(tmp_path, call_text)
     assert all(m["train/sampler_mismatch_max"] < 1e-3 for m in metrics)  # the server's log-probs of its tokens are the policy's
 
 
