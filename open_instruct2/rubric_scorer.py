@@ -44,7 +44,6 @@ class RubricScorer:
         prompts = [p for p, q in enumerate(queries) if q is not None]
         entries, readded = self._entries(step, prompts, keys, statics, buffer)
         proposals, proposal_results, proposals_retried = self._proposals(prompts, queries, responses, group, entries)
-        skipped = sum(r.value is None for r in proposal_results)
         items = {p: ([] if rc.use_likert_rubric else scoring_items(entries[p]) + proposals.get(p, [])) for p in prompts}
         judged, calls = self._judge_items(prompts, queries, responses, group, items)
         scores: list[float | None] = [None] * len(responses)
@@ -71,15 +70,15 @@ class RubricScorer:
                 "skipped": p not in proposals and rc.apply_adaptive_rubric_reward, "buffer_skipped": rc.use_rubric_buffer and not measured,
                 "scores": {r.description: _mean_std([judged[p][k][j] for k in range(group)]) for j, r in enumerate(items[p])},
             })
-        results = calls["results"] + proposal_results
-        failures = sum(r.value is None for r in calls["results"])
+        results = calls["results"] + proposal_results  # score calls and proposals alike
+        failures, skipped = sum(r.value is None for r in results), sum(r.value is None for r in proposal_results)
         asked = len(results)
         metrics = {
             "rubric/judge_calls": float(asked),
-            "rubric/judge_failures": float(failures + skipped),
+            "rubric/judge_failures": float(failures),
             "rubric/judge_retries": float(calls["retried"] + proposals_retried),
             "rubric/judge_truncated_replies": float(sum(r.truncated for r in results)),
-            "rubric/judge_failure_rate": (failures + skipped) / asked if asked else 0.0,
+            "rubric/judge_failure_rate": failures / asked if asked else 0.0,
             "rubric/unscored_responses": float(sum(1 for p in prompts for k in range(group) if scores[p * group + k] is None)),
             "rubric/dropped_items": float(dropped_total),
             "rubric/no_final_answer": float(sum(1 for p in prompts for k in range(group) if responses[p * group + k] == "")),
