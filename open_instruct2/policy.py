@@ -158,11 +158,10 @@ def by_length(rollouts: Rollouts, rows: list[int]) -> list[int]:
     return sorted(rows, key=lambda r: lengths[r])
 
 
-def shares_prefix(model: nn.Module, mode: str, rollouts: Rollouts, rows: list[int], with_grad: bool = False,
-                  checkpointing: bool = False) -> bool:
+def shares_prefix(model: nn.Module, mode: str, rollouts: Rollouts, rows: list[int]) -> bool:
     """--shared_prefix's decision for one pass (shared_prefix.should_share), for a model whose logits are its output
     layer of the decoder's hidden states (logprobs.output_layer)."""
-    return output_layer(model) is not None and should_share(mode, decoder_of(model), rollouts, rows, with_grad, checkpointing)
+    return output_layer(model) is not None and should_share(mode, decoder_of(model), rollouts, rows)
 
 
 def logprob_passes(model: nn.Module, rollouts: Rollouts, rows: list[int], size: int, temperatures: tuple[float, ...], *,

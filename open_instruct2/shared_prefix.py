@@ -19,16 +19,25 @@ gradient (`torch.autograd.backward(keys, leaf.grad)`). So micro-batching is unch
 samples each, parts of a group or several groups, sorted by group then length), the prefix is forwarded and
 backwarded once per group however the group is split, and at most two prefix batches are alive at a time.
 
+Under --gradient_checkpointing the same holds: the caches here are safe to replay (the prefix's records its
+layers' keys/values by assignment, the samples' only reads the prefix and extends nothing), so each decoder layer
+is told it may keep a cache through checkpointing (`_can_checkpoint_with_cache`, transformers' switch for layers
+that only read one) for the length of a pass, and a checkpointed layer's backward replay computes the same states.
+
 Which columns are shared is decided here and nowhere else (`group_rows`): samples whose columns [0, P-1) are
 identical (tokens and mask) share them. That is the prompt of a GRPO group; a multi-turn rollout whose samples all
 begin with the same turns shares those too, as long as they are in the prompt columns.
 """
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .rollout import Rollouts, RowSlice, position_ids_from_mask
 
@@ -61,11 +70,11 @@ def saved_fraction(rollouts: Rollouts, rows: list[int], groups: list[int]) -> fl
     return (len(rows) - len(set(groups))) * prefix / (len(rows) * (prefix + response))
 
 
-def should_share(mode: str, decoder, rollouts: Rollouts, rows: list[int], with_grad: bool, checkpointing: bool) -> bool:
-    """Whether a pass over `rows` shares prefixes: off never; on always (a checkpointed gradient pass is refused at
-    start-up); auto when it saves enough (AUTO_MIN_SAVED_FRACTION) and the pass can keep a cache. Never for a model
-    whose cache cannot be expanded (`shareable`)."""
-    if mode == "off" or not rows or rollouts.prompt_width < 2 or (with_grad and checkpointing) or decoder is None or not shareable(decoder):
+def should_share(mode: str, decoder, rollouts: Rollouts, rows: list[int]) -> bool:
+    """Whether a pass over `rows` shares prefixes: off never; on always; auto when it saves enough
+    (AUTO_MIN_SAVED_FRACTION). Never for a model whose cache cannot be expanded (`shareable`). Gradient checkpointing
+    changes nothing here: a checkpointed layer keeps these passes' caches (`_layers_keep_the_cache`)."""
+    if mode == "off" or not rows or rollouts.prompt_width < 2 or decoder is None or not shareable(decoder):
         return False
     return mode == "on" or saved_fraction(rollouts, rows, group_rows(rollouts, rows)) >= AUTO_MIN_SAVED_FRACTION
 
@@ -100,31 +109,70 @@ class MicroBatch:
 
 def prefix_forward(decoder, input_ids: Tensor, attention_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     """Keys and values of every layer, each (g, heads, C, head_dim), for (g, C) prefix columns."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=decoder.config)
-    decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-            past_key_values=cache, use_cache=True)
-    return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+    records = [_LayerRecord() for _ in range(decoder.config.num_hidden_layers)]
+    with _layers_keep_the_cache(decoder):
+        decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                past_key_values=Cache(layers=records), use_cache=False)
+    if not all(r.is_initialized for r in records):
+        raise RuntimeError("this model's layers did not use the key/value cache they were given; run with --shared_prefix off")
+    return [r.keys for r in records], [r.values for r in records]
 
 
 def suffix_hidden(decoder, input_ids: Tensor, attention_mask: Tensor, keys: list[Tensor], values: list[Tensor]) -> Tensor:
     """(b, S) columns after a cached prefix of C columns -> (b, S, d) last hidden states. attention_mask (b, C + S)
     covers the prefix and these columns; keys/values per layer (b, heads, C, head_dim)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(ddp_cache_data=list(zip(keys, values)))
+    prefixes = [_ReadOnlyPrefix(k, v) for k, v in zip(keys, values)]
     positions = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1] :]
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    with _layers_keep_the_cache(decoder):
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                      past_key_values=Cache(layers=prefixes), use_cache=False)
+    if not all(p.reads for p in prefixes):
+        raise RuntimeError("this model's layers did not read the key/value cache they were given; run with --shared_prefix off")
     return out.last_hidden_state
+
+
+class _LayerRecord(DynamicLayer):
+    """One layer's keys/values of a prefix forward, kept by assignment (a checkpointed layer's replay in the
+    backward writes the same states again instead of appending them)."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
+class _ReadOnlyPrefix(DynamicLayer):
+    """A group's prefix keys/values (b, heads, C, head_dim) that a forward attends to and never extends (a replay
+    reads the same states). The layer's mask sizes come from C, as a cache holding the prefix gives them."""
+
+    def __init__(self, keys: Tensor, values: Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values, self.reads = keys, values, 0
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        self.reads += 1
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+@contextmanager
+def _layers_keep_the_cache(decoder):
+    """For the length of a shared pass, a checkpointed decoder layer keeps the cache it is given (transformers drops
+    it otherwise); the caches above are replay-safe."""
+    layers = [m for m in decoder.modules() if isinstance(m, GradientCheckpointingLayer) and "_can_checkpoint_with_cache" not in vars(m)]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache
 
 
 def shareable(decoder) -> bool:
     """Whether the model's KV cache is a plain per-layer key/value store that can be expanded to a group (not
     sliding-window or linear-attention layers, whose caches keep other state)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=decoder.config).layers)
 
 

@@ -153,7 +153,7 @@ def backward_mini_batch(model, master, rollouts: Rollouts, rows: list[int], norm
     temperature = cfg.rollout.temperature
     kl_apart = ref_logprobs is not None and kl_temperature not in (None, temperature)
     temperatures = (temperature, kl_temperature) if kl_apart else (temperature,)
-    share = shares_prefix(model, cfg.model.shared_prefix, rollouts, rows, with_grad=True, checkpointing=cfg.model.gradient_checkpointing)
+    share = shares_prefix(model, cfg.model.shared_prefix, rollouts, rows)
     passes = logprob_passes(model, rollouts, rows, cfg.optim.per_device_train_batch_size, temperatures, entropy=True, share=share,
                             with_grad=True, on_prefix_grad=master.accumulate)
     for chunk, part, (logprobs, *kl_logprobs), entropy in passes:  # each (b, t); the next micro-batch comes after this backward

@@ -28,7 +28,7 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     shared_prefix: Literal["auto", "on", "off"] = "auto"
-    """Compute the tokens all samples of a group share (the prompt) once per group instead of once per sample: in HF generation (one prefill per prompt), the no-grad log-prob passes (old log-probs, the in-process reference) and the gradient pass; the result equals the per-sample computation up to rounding (README "Shared prefix and memory"). on: wherever it applies (the gradient pass needs --gradient_checkpointing false: a checkpointed layer cannot keep a KV cache); auto: where the shared tokens are a large enough part of the work (and not in a checkpointed gradient pass); off: per sample, as before. New."""
+    """Compute the tokens all samples of a group share (the prompt) once per group instead of once per sample: in HF generation (one prefill per prompt), the no-grad log-prob passes (old log-probs, the in-process reference) and the gradient pass; the result equals the per-sample computation up to rounding (README "Shared prefix and memory"). on: wherever it applies (with --gradient_checkpointing too); auto: where the shared tokens are a large enough part of the work; off: per sample, as before. New."""
     chat_template_kwargs: Optional[str] = None
     """JSON object of extra arguments for the chat template, e.g. '{"enable_thinking": false}' to switch Qwen3's thinking off."""
 
@@ -65,9 +65,6 @@ def chat_template_kwargs(model: ModelConfig) -> dict:
 
 def validate_model(model: ModelConfig) -> None:
     chat_template_kwargs(model)
-    require(not (model.shared_prefix == "on" and model.gradient_checkpointing),
-            "--shared_prefix on shares the prefix in the gradient pass too, which a checkpointed layer cannot (it drops the KV cache); "
-            "add --gradient_checkpointing false, or use --shared_prefix auto (no-grad passes and generation only)")
 
 
 def validate_lora(lora: LoraConfig) -> None:
