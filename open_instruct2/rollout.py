@@ -341,22 +341,26 @@ def generate_rows(
 
 def prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_samples: int):
     """The KV cache of the prompt columns [0, P-1) of (N, P) left-padded rows made of runs of num_samples identical
-    rows: one forward over the U = N / num_samples distinct prompts, each layer's keys/values (U, heads, P-1, d)
-    repeated to (N, heads, P-1, d). Positions count from each row's first token, as generate counts them."""
+    rows: one decoder forward over the U = N / num_samples distinct prompts (shared_prefix.prefix_forward, as the
+    log-prob passes share theirs), each layer's keys/values (U, heads, P-1, d) repeated to (N, heads, P-1, d), in a
+    cache generate extends. Positions count from each row's first token, as generate counts them."""
     from transformers import DynamicCache
 
+    from .logprobs import decoder_of
+    from .shared_prefix import prefix_forward  # (shared_prefix imports this module)
+
     ids, mask = input_ids[::num_samples, :-1], attention_mask[::num_samples, :-1]  # (U, P-1)
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-          past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(num_samples)
-    return cache
+    keys, values = prefix_forward(decoder_of(model), ids, mask)
+    return DynamicCache(ddp_cache_data=[(k.repeat_interleave(num_samples, dim=0), v.repeat_interleave(num_samples, dim=0))
+                                        for k, v in zip(keys, values)])
 
 
 def _cache_expandable(model) -> bool:
-    from .shared_prefix import shareable  # (shared_prefix imports this module)
+    from .logprobs import decoder_of
+    from .shared_prefix import shareable
 
-    return shareable(model)
+    decoder = decoder_of(model)
+    return decoder is not None and shareable(decoder)
 
 
 SHARE_MIN_PROMPT_TOKENS = 16
