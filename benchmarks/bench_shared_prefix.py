@@ -3,6 +3,8 @@ computed once against once per sample, side by side in one run (alternating A, B
 
     python benchmarks/bench_shared_prefix.py            # builtin SmolLM2-135M, the policy dtype auto picks, all threads
     python benchmarks/bench_shared_prefix.py --quick    # fewer repeats
+    python benchmarks/bench_shared_prefix.py --only update --gradient_checkpointing --tools_prompt
+                                                        # the update under checkpointing, on `make run-tools`' prompts
 
 1. The update of `make run`'s batch: 4 prompts x 8 samples, the demo's system prompt (~80 prompt tokens), responses
    sampled by the model (up to 64 tokens), LoRA, micro-batches of 1 (the default), no reference.
@@ -56,12 +58,17 @@ def compare(name: str, runs: dict, repeats: int) -> dict:
     return medians
 
 
-def demo_run(out: Path):
+def demo_run(out: Path, checkpointing: bool = False, tools_prompt: bool = False):
+    """`make run`'s setup (or, with tools_prompt, `make run-tools`' framing: the calculator system prompt and its two
+    worked examples, ~229 prompt tokens; no tool runs here)."""
+    framing = {"system_prompt_file": str(REPO / "examples/arithmetic_system_prompt.txt")}
+    if tools_prompt:
+        framing = {"system_prompt_file": str(REPO / "examples/calculator_system_prompt.txt"),
+                   "few_shot_file": str(REPO / "examples/calculator_few_shot.json")}
     cfg = default_config(
         train_mode="lora", learning_rate=2e-4, reference_mode="none", beta=0.0, num_unique_prompts_rollout=4,
-        num_samples_per_prompt_rollout=8, response_length=64, gradient_checkpointing=False, remap_verifier=["gsm8k=gsm8k_strict"],
-        system_prompt_file=str(REPO / "examples/arithmetic_system_prompt.txt"), output_dir=str(out), run_name="bench",
-        num_training_steps=1)
+        num_samples_per_prompt_rollout=8, response_length=64, gradient_checkpointing=checkpointing, remap_verifier=["gsm8k=gsm8k_strict"],
+        output_dir=str(out), run_name="bench", num_training_steps=1, **framing)
     validate(cfg)
     return trainer.setup(cfg)
 
@@ -87,7 +94,9 @@ def bench_update(run, repeats: int) -> None:
         return go
 
     one("off")()  # warm-up
-    compare("update forward+backward (demo batch, LoRA, micro-batch 1)", {"per sample": one("off"), "shared prefix": one("on")}, repeats)
+    checkpointed = ", gradient checkpointing" if run.cfg.model.gradient_checkpointing else ""
+    compare(f"update forward+backward (demo batch, LoRA, micro-batch 1{checkpointed})", {"per sample": one("off"), "shared prefix": one("on")},
+            repeats)
 
 
 def synthetic(prompt_len: int, group: int, response: int, vocab: int, groups: int = 2) -> Rollouts:
@@ -117,10 +126,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=["update", "break_even"], default=None)
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="the policy with gradient checkpointing (the flag's default)")
+    parser.add_argument("--tools_prompt", action="store_true", help="make run-tools' prompts (~229 tokens) instead of make run's (~90)")
     args = parser.parse_args()
     repeats = 3 if args.quick else 5
     with tempfile.TemporaryDirectory() as tmp:
-        run = demo_run(Path(tmp))
+        run = demo_run(Path(tmp), args.gradient_checkpointing, args.tools_prompt)
         print(f"SmolLM2-135M {run.runtime.dtype}, {torch.get_num_threads()} threads, LoRA", flush=True)
         if args.only in (None, "update"):
             bench_update(run, repeats)

@@ -1,7 +1,7 @@
 """Ours against TRL's GRPOTrainer at equal settings, in one invocation (`make bench`).
 
     python benchmarks/bench_trl.py [--steps 5] [--prompts 2] [--samples 4] [--length 64] [--skip-vllm] [--dtype auto]
-                                   [--ours-variant '--generation_linear plain']
+                                   [--ours-variant '--generation_linear plain'] [--prompt-tokens 256]
 
 Both train a random-initialised model of the builtin shape (SmolLM2-135M) with its real tokenizer: random
 weights never say eos, so every completion runs to the length limit and both trainers do exactly the same
@@ -9,6 +9,11 @@ work. Same prompts (builtin arithmetic), samples per prompt, response length, te
 top-k, no penalties, beta 0, one precision (--dtype; auto: what our runtime picks on this CPU), full fine-tuning, learning rate, one optimizer step per rollout batch, one
 micro-batch per step. A third row runs ours with a launched vLLM reference (beta 0.05) to show its cost, a
 fourth ours with rollouts on a launched vLLM server (--rollout_backend vllm, weights synced every step).
+
+--prompt-tokens N: long prompts, the case the shared prefix is for (README "Shared prefix and memory"): both
+trainers get the same system message of filler sentences in front of every problem, sized so that the prompts
+average about N tokens (ours through --system_prompt_file, TRL as the first turn of each prompt); ours keeps its
+default --shared_prefix auto, TRL computes every sample's prompt.
 
 For each: completions/s, seconds per step split into generation / reference+scoring / update (the first step,
 warm-up, left out; medians), peak RSS of the whole process tree. Then the ratio, and the step's floor on this
@@ -34,7 +39,23 @@ sys.path.insert(0, ROOT)
 def settings(args) -> dict:
     """The one source of every number both trainers get."""
     return {"prompts": args.prompts, "samples": args.samples, "length": args.length, "steps": args.steps, "learning_rate": 1e-6,
-            "temperature": 0.7, "top_p": 1.0, "beta": 0.0, "seed": 1, "dtype": getattr(args, "dtype", "float32")}
+            "temperature": 0.7, "top_p": 1.0, "beta": 0.0, "seed": 1, "dtype": getattr(args, "dtype", "float32"), "system": None}
+
+
+FILLER = ("Read the problem with care, work the arithmetic step by step, check each partial result against the numbers "
+          "given, and write the final number after four hash marks. ")
+
+
+def long_system_prompt(tokenizer, rows: list[dict], prompt_tokens: int) -> str:
+    """Filler sentences as a system message, as many as bring the mean prompt of `rows` to about prompt_tokens tokens."""
+    def mean_tokens(system: str) -> float:
+        return statistics.mean(len(tokenizer.apply_chat_template([{"role": "system", "content": system}, *r["messages"]],
+                                                                 add_generation_prompt=True)) for r in rows)
+
+    system = FILLER
+    while mean_tokens(system + FILLER) <= prompt_tokens:
+        system += FILLER
+    return system.strip()
 
 
 def ours_args(s: dict, model_dir: str, out: str, name: str, reference: str = "none", rollout: str = "hf") -> list[str]:
@@ -47,6 +68,12 @@ def ours_args(s: dict, model_dir: str, out: str, name: str, reference: str = "no
             "--gradient_checkpointing", "false", "--num_evals", "0", "--log_samples_freq", "-1",
             "--filter_zero_std_groups", "false",  # TRL computes every sample; so do we
             "--output_dir", out, "--run_name", name, "--lr_scheduler_type", "constant"]
+    if s["system"] is not None:
+        path = os.path.join(out, "system_prompt.txt")
+        os.makedirs(out, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(s["system"])
+        args += ["--system_prompt_file", path, "--max_prompt_token_length", "448"]  # 256 by default; 448 + 64 = max_token_length
     if reference == "none":
         args += ["--beta", str(s["beta"]), "--reference_mode", "none"]
     else:
@@ -118,7 +145,8 @@ def trl_child(s: dict, model_dir: str, out: str) -> None:
     from open_instruct2.bootstrap import arithmetic_rows
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    data = Dataset.from_list([{"prompt": r["messages"]} for r in arithmetic_rows("train")[:256]])
+    system = [] if s["system"] is None else [{"role": "system", "content": s["system"]}]
+    data = Dataset.from_list([{"prompt": system + r["messages"]} for r in arithmetic_rows("train")[:256]])
     steps = []
 
     class Timer(TrainerCallback):
@@ -206,6 +234,8 @@ def main() -> None:
                              "bf16, AMX / AVX512-BF16; float32 elsewhere, see bench_dtype.py)")
     parser.add_argument("--ours-variant", action="append", default=[], metavar="FLAGS",
                         help="another row of ours with these extra flags (e.g. '--generation_linear plain'), run right after ours")
+    parser.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
+                        help="long prompts: a system message of filler in front of every problem, ~N prompt tokens on average")
     args = parser.parse_args()
     if args.dtype == "auto":
         from open_instruct2.runtime import cpu_has_native_bf16
@@ -221,8 +251,13 @@ def main() -> None:
 
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompt_tokens = statistics.mean(len(tok.apply_chat_template(r["messages"], add_generation_prompt=True)) for r in arithmetic_rows("train")[:64])
-    print(f"settings: {json.dumps(s)}; model: random {params / 1e6:.1f}M (SmolLM2-135M shape), {torch.get_num_threads()} threads", flush=True)
+    sample_rows = arithmetic_rows("train")[:64]
+    if args.prompt_tokens:
+        s["system"] = long_system_prompt(tok, sample_rows, args.prompt_tokens)
+    system = [] if s["system"] is None else [{"role": "system", "content": s["system"]}]
+    prompt_tokens = statistics.mean(len(tok.apply_chat_template(system + r["messages"], add_generation_prompt=True)) for r in sample_rows)
+    shown = {k: v for k, v in s.items() if k != "system"}
+    print(f"settings: {json.dumps(shown)}; prompts {prompt_tokens:.0f} tokens on average; model: random {params / 1e6:.1f}M (SmolLM2-135M shape), {torch.get_num_threads()} threads", flush=True)
     rows = {}
     rows["TRL GRPOTrainer"] = run_trl(s, model_dir, os.path.join(work, "trl"))
     rows["ours (no reference)"] = run_ours(s, model_dir, os.path.join(work, "ours"), "ours")
