@@ -305,32 +305,58 @@ def run_killing_the_server_after_step_1(args, tmp_path):
     return proc, stdout, stderr, server, " ".join(server_cmdline)
 
 
-def test_launch_local_vllm_survives_a_killed_server(tmp_path):
-    """launch_local_vllm end to end: the server is killed after step 1, relaunched, and the run completes.
-    The key is in no command line, log, config, TensorBoard or memory-profile file, and no server process is left.
-    The run is profiled at 1 s (one launched run serves both checks: a launch costs a minute here): the vLLM server
-    and its workers are attributed apart from the trainer, every step marker is there, and the four files exist."""
+def test_launch_local_vllm_survives_a_killed_server_and_sigterm_then_saves_a_resumable_state(tmp_path):
+    """launch_local_vllm end to end, one launched run for four checks (a launch costs a minute here):
+    1. the server is killed after step 1, relaunched, and the run goes on;
+    2. then SIGTERM: exit 143 with one line, the state of the last finished step saved, the relaunched server and its
+       workers stopped, no server process left;
+    3. the key is in no command line, log, config, TensorBoard or memory-profile file;
+    4. the run is profiled at 1 s: the vLLM server and its workers are attributed apart from the trainer, every step
+       marker of the finished steps is there, and the four files exist."""
     port = free_port()
     args = e2e_args(tmp_path, "--reference_mode", "launch_local_vllm", "--reference_launch_port", port,
-                    "--reference_api_key", API_KEY, "--num_training_steps", "3", "--filter_zero_std_groups", "false",
-                    "--enable_memory_profile", "true", "--memory_profile_interval_s", "1")
-    proc, stdout, stderr, server, command = run_killing_the_server_after_step_1(args, tmp_path)
+                    "--reference_api_key", API_KEY, "--num_training_steps", "50", "--filter_zero_std_groups", "false",
+                    "--checkpoint_state_freq", "100", "--enable_memory_profile", "true", "--memory_profile_interval_s", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "open_instruct2.train_grpo", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ})
     metrics = tmp_path / "out" / "r" / "metrics.jsonl"
+    steps_done = lambda: len(metrics.read_text().splitlines()) if metrics.exists() else 0  # noqa: E731
+    try:
+        wait_for(lambda: steps_done() >= 1, 600, "step 1")
+        [server] = vllm_children(proc.pid)
+        command = " ".join(server.cmdline())
+        for p in [server, *server.children(recursive=True)]:
+            p.kill()
+        wait_for(lambda: steps_done() >= 2, 600, "step 2 on the relaunched server")
+        [relaunched] = vllm_children(proc.pid)
+        family = [relaunched, *relaunched.children(recursive=True)]
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert API_KEY not in command
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 143, stderr[-3000:]
     assert "relaunching the vLLM reference server" in stdout
     # a launched server gets the plugin's variable: the KL stays at the sampling temperature (the plugin works)
     assert "the KL term compares the policy and the reference at the sampling temperature 0.7" in stdout
-    assert len(metrics.read_text().splitlines()) == 3
+    [line] = [line for line in stderr.splitlines() if line.strip()]
+    assert line.startswith("stopped by SIGTERM after step") and "rerun the same command to continue" in line
+    steps = steps_done()
+    from open_instruct2.checkpoint import newest_state
+
+    assert newest_state(str(tmp_path / "out" / "r")).endswith(f"step_{steps}")  # the state of the last finished step
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [p.pid for p in alive]
     assert not psutil.pid_exists(server.pid) or server.status() == psutil.STATUS_ZOMBIE
     assert not [p for p in psutil.process_iter(["cmdline"]) if f"--port {port}" in " ".join(p.info["cmdline"] or [])]
     run_dir = tmp_path / "out" / "r"
     assert (run_dir / "vllm_reference.log").read_text().count("=== open-instruct2: starting") == 2
     assert_key_nowhere(run_dir, stdout, stderr)
-    assert_memory_profile(run_dir / "memory_profile")
+    assert_memory_profile(run_dir / "memory_profile", range(1, steps + 1))
 
 
-def assert_memory_profile(folder):
+def assert_memory_profile(folder, steps=(1, 2, 3)):
     assert sorted(os.listdir(folder)) == ["memory_samples.csv", "memory_samples.jsonl", "memory_summary.json", "memory_summary.md"]
     summary = json.loads((folder / "memory_summary.json").read_text())
     assert summary["peak_children"]["mb"] > 1000  # the vLLM server (SmolLM2 in fp32 plus its KV cache) ...
@@ -338,37 +364,10 @@ def assert_memory_profile(folder):
     assert summary["peak_trainer"]["mb"] > 300  # ... apart from the trainer
     assert summary["peak_total"]["mb"] >= max(summary["peak_children"]["mb"], summary["peak_trainer"]["mb"])
     markers = [json.loads(line)["marker"] for line in (folder / "memory_samples.jsonl").read_text().splitlines()]
-    for step in (1, 2, 3):
+    for step in steps:
         for suffix in ("start", "after_rollout", "after_reward", "after_reference", "after_update", "end"):
             assert f"step_{step}_{suffix}" in markers
     assert "reference" in summary["by_phase"] and summary["by_phase"]["reference"]["children_mb"] > 1000
-
-
-def test_sigterm_saves_a_resumable_state_and_stops_the_launched_server(tmp_path):
-    port = free_port()
-    args = e2e_args(tmp_path, "--reference_mode", "launch_local_vllm", "--reference_launch_port", port, "--num_training_steps", "50",
-                    "--checkpoint_state_freq", "100")
-    proc = subprocess.Popen([sys.executable, "-m", "open_instruct2.train_grpo", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "out" / "r" / "metrics.jsonl"
-    try:
-        [server] = wait_for(lambda: vllm_children(proc.pid), 120, "the vLLM child")
-        family = [server, *server.children(recursive=True)]
-        wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 600, "step 1")
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, stderr[-2000:]
-    [line] = [line for line in stderr.splitlines() if line.strip()]
-    assert line.startswith("stopped by SIGTERM after step") and "rerun the same command to continue" in line
-    steps = len(metrics.read_text().splitlines())
-    from open_instruct2.checkpoint import newest_state
-
-    assert newest_state(str(tmp_path / "out" / "r")).endswith(f"step_{steps}")  # the state of the last finished step
-    gone, alive = psutil.wait_procs(family, timeout=30)
-    assert not alive, [p.pid for p in alive]
 
 
 def test_the_original_readme_example_3_against_a_plainly_started_server(vllm_server, tmp_path):
