@@ -81,6 +81,7 @@ test: setup
 
 bench: setup
 	$(VPY) benchmarks/bench_trl.py
+	$(VPY) benchmarks/bench_trl.py --skip-vllm --prompt-tokens 256 --prompts 2 --samples 8 --ours-variant "--shared_prefix off"
 	$(VPY) benchmarks/bench_dtype.py
 	$(VPY) benchmarks/bench_verifiers.py
 	$(VPY) benchmarks/bench_reference.py

@@ -48,9 +48,10 @@ FILLER = ("Read the problem with care, work the arithmetic step by step, check e
 
 def long_system_prompt(tokenizer, rows: list[dict], prompt_tokens: int) -> str:
     """Filler sentences as a system message, as many as bring the mean prompt of `rows` to about prompt_tokens tokens."""
+    from open_instruct2.data import tokenize_prompt
+
     def mean_tokens(system: str) -> float:
-        return statistics.mean(len(tokenizer.apply_chat_template([{"role": "system", "content": system}, *r["messages"]],
-                                                                 add_generation_prompt=True)) for r in rows)
+        return statistics.mean(len(tokenize_prompt(tokenizer, [{"role": "system", "content": system}, *r["messages"]])) for r in rows)
 
     system = FILLER
     while mean_tokens(system + FILLER) <= prompt_tokens:
@@ -248,6 +249,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from open_instruct2.bootstrap import arithmetic_rows
+    from open_instruct2.data import tokenize_prompt
 
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -255,7 +257,7 @@ def main() -> None:
     if args.prompt_tokens:
         s["system"] = long_system_prompt(tok, sample_rows, args.prompt_tokens)
     system = [] if s["system"] is None else [{"role": "system", "content": s["system"]}]
-    prompt_tokens = statistics.mean(len(tok.apply_chat_template(system + r["messages"], add_generation_prompt=True)) for r in sample_rows)
+    prompt_tokens = statistics.mean(len(tokenize_prompt(tok, system + r["messages"])) for r in sample_rows)  # (the floor's prompt)
     shown = {k: v for k, v in s.items() if k != "system"}
     print(f"settings: {json.dumps(shown)}; prompts {prompt_tokens:.0f} tokens on average; model: random {params / 1e6:.1f}M (SmolLM2-135M shape), {torch.get_num_threads()} threads", flush=True)
     rows = {}

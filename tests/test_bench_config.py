@@ -46,3 +46,29 @@ def test_ours_and_trl_get_equal_settings(tmp_path, dtype):
     assert ours.runtime.policy_dtype == dtype and trl.bf16 == (dtype == "bfloat16") and not trl.fp16
     assert ours.model.gradient_checkpointing is False and trl.gradient_checkpointing is False
     assert ours.lora.train_mode == "full"
+
+
+def test_the_long_prompt_row_gives_both_trainers_the_same_prompts(tmp_path, tokenizer):
+    """--prompt-tokens: ours reads the filler through --system_prompt_file, TRL gets it as each prompt's first turn;
+    the token ids of the two prompts are the same, and they average about the asked length."""
+    import statistics
+
+    import bench_trl as B
+
+    from open_instruct2.bootstrap import arithmetic_rows
+    from open_instruct2.data import read_system_prompt, tokenize_prompt, with_frame
+    from open_instruct2.train_grpo import parse_config
+
+    rows = arithmetic_rows("train")[:16]
+    s = B.settings(Namespace(steps=5, prompts=2, samples=8, length=64, dtype="float32"))
+    s["system"] = B.long_system_prompt(tokenizer, rows, 256)
+    ours = parse_config([str(a) for a in B.ours_args(s, str(tmp_path / "model"), str(tmp_path / "out"), "r")])
+    system = read_system_prompt(ours.data.system_prompt_file)
+    assert system == s["system"]
+    lengths = []
+    for r in rows:
+        ours_ids = tokenize_prompt(tokenizer, with_frame(r["messages"], system, []))
+        trl_ids = tokenize_prompt(tokenizer, [{"role": "system", "content": s["system"]}, *r["messages"]])
+        assert ours_ids == trl_ids
+        lengths.append(len(ours_ids))
+    assert 200 < statistics.mean(lengths) <= 256 and max(lengths) <= ours.data.max_prompt_token_length
