@@ -74,7 +74,8 @@ def ours_args(s: dict, model_dir: str, out: str, name: str, reference: str = "no
         os.makedirs(out, exist_ok=True)
         with open(path, "w") as f:
             f.write(s["system"])
-        args += ["--system_prompt_file", path, "--max_prompt_token_length", "448"]  # 256 by default; 448 + 64 = max_token_length
+        limit = s["longest_prompt"] + 64  # (256 by default: no long prompt is dropped, as TRL drops none)
+        args += ["--system_prompt_file", path, "--max_prompt_token_length", str(limit), "--max_token_length", str(limit + s["length"])]
     if reference == "none":
         args += ["--beta", str(s["beta"]), "--reference_mode", "none"]
     else:
@@ -257,7 +258,8 @@ def main() -> None:
     if args.prompt_tokens:
         s["system"] = long_system_prompt(tok, sample_rows, args.prompt_tokens)
     system = [] if s["system"] is None else [{"role": "system", "content": s["system"]}]
-    prompt_tokens = statistics.mean(len(tokenize_prompt(tok, system + r["messages"])) for r in sample_rows)  # (the floor's prompt)
+    lengths = [len(tokenize_prompt(tok, system + r["messages"])) for r in sample_rows]
+    prompt_tokens, s["longest_prompt"] = statistics.mean(lengths), max(lengths)  # (the floor's prompt; ours' prompt limit)
     shown = {k: v for k, v in s.items() if k != "system"}
     print(f"settings: {json.dumps(shown)}; prompts {prompt_tokens:.0f} tokens on average; model: random {params / 1e6:.1f}M (SmolLM2-135M shape), {torch.get_num_threads()} threads", flush=True)
     rows = {}

@@ -351,8 +351,9 @@ def prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     ids, mask = input_ids[::num_samples, :-1], attention_mask[::num_samples, :-1]  # (U, P-1)
     keys, values = prefix_forward(decoder_of(model), ids, mask)
-    return DynamicCache(ddp_cache_data=[(k.repeat_interleave(num_samples, dim=0), v.repeat_interleave(num_samples, dim=0))
-                                        for k, v in zip(keys, values)])
+    cache = DynamicCache(ddp_cache_data=zip(keys, values))  # (U rows: the copy it makes is of the distinct prompts only)
+    cache.batch_repeat_interleave(num_samples)
+    return cache
 
 
 def _cache_expandable(model) -> bool:

@@ -23,6 +23,8 @@ Under --gradient_checkpointing the same holds: the caches here are safe to repla
 layers' keys/values by assignment, the samples' only reads the prefix and extends nothing), so each decoder layer
 is told it may keep a cache through checkpointing (`_can_checkpoint_with_cache`, transformers' switch for layers
 that only read one) for the length of a pass, and a checkpointed layer's backward replay computes the same states.
+This relies on non-reentrant checkpointing (policy.load_policy asks for it): the prefix's keys/values leave the
+checkpointed layers through the cache, not as outputs, and only non-reentrant checkpointing keeps their graph.
 
 Which columns are shared is decided here and nowhere else (`group_rows`): samples whose columns [0, P-1) are
 identical (tokens and mask) share them. That is the prompt of a GRPO group; a multi-turn rollout whose samples all
@@ -133,7 +135,16 @@ def suffix_hidden(decoder, input_ids: Tensor, attention_mask: Tensor, keys: list
 
 class _LayerRecord(DynamicLayer):
     """One layer's keys/values of a prefix forward, kept by assignment (a checkpointed layer's replay in the
-    backward writes the same states again instead of appending them)."""
+    backward writes the same states again instead of appending them). It reports an empty cache throughout, so a
+    replay sees the same lengths as the forward did."""
+
+    _layer_type = None  # never registered as a cache layer type of transformers' own
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
@@ -145,6 +156,8 @@ class _LayerRecord(DynamicLayer):
 class _ReadOnlyPrefix(DynamicLayer):
     """A group's prefix keys/values (b, heads, C, head_dim) that a forward attends to and never extends (a replay
     reads the same states). The layer's mask sizes come from C, as a cache holding the prefix gives them."""
+
+    _layer_type = None
 
     def __init__(self, keys: Tensor, values: Tensor):
         super().__init__()

@@ -62,6 +62,7 @@ def test_the_long_prompt_row_gives_both_trainers_the_same_prompts(tmp_path, toke
     rows = arithmetic_rows("train")[:16]
     s = B.settings(Namespace(steps=5, prompts=2, samples=8, length=64, dtype="float32"))
     s["system"] = B.long_system_prompt(tokenizer, rows, 256)
+    s["longest_prompt"] = max(len(tokenize_prompt(tokenizer, [{"role": "system", "content": s["system"]}, *r["messages"]])) for r in rows)
     ours = parse_config([str(a) for a in B.ours_args(s, str(tmp_path / "model"), str(tmp_path / "out"), "r")])
     system = read_system_prompt(ours.data.system_prompt_file)
     assert system == s["system"]

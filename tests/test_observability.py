@@ -206,7 +206,7 @@ def test_wandb_missing_is_one_line_with_the_install_command(tmp_path):
     assert_one_line_error(proc, "--with_tracking true needs wandb", "pip install 'open-instruct2[wandb]'")
 
 
-# The memory profile of a run with a launched vLLM server: tests/test_reference_vllm.py::test_launch_local_vllm_survives_a_killed_server
+# The memory profile of a run with a launched vLLM server: tests/test_reference_vllm.py::test_launch_local_vllm_survives_a_killed_server_and_sigterm_then_saves_a_resumable_state
 # (one launched run serves both checks).
 
 

@@ -18,9 +18,8 @@ def test_adaptive_rubrics_with_a_real_judge(vllm_server, tmp_path, tiny_model_di
     proc = run_cli(
         "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", REPO / "examples" / "rubric_questions.jsonl", "1.0",
         # 4 prompts x 2 steps: 8 rubric-writing calls, each asked again if unusable. At 160 tokens the 135M judge
-        # runs out inside a description in most replies; read for its complete items, 18 of 24 were usable
-        # (AVX2 EPYC, 2026-12-03), against 4 of 16 when a cut reply was a failure (CI once lost all 12 of 3 steps).
-        # Step 2 scores with the rubrics step 1 added.
+        # runs out inside a description in most replies; read for its complete items, 18 of 24 replies were usable
+        # in a 3-step run (AVX2 EPYC, 2026-12-03), against 4 of 16 when a cut reply was a failure (CI once lost all 12).
         "--reference_mode", "in_process", "--num_unique_prompts_rollout", "4", "--num_samples_per_prompt_rollout", "2",
         "--response_length", "16", "--num_training_steps", "2", "--verification_reward", "1.0", "--output_dir", tmp_path / "out",
         "--run_name", "rub", "--llm_judge_base_url", f"{vllm_server}/v1", "--llm_judge_model", "smollm2",
