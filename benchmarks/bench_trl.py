@@ -42,6 +42,11 @@ def settings(args) -> dict:
             "temperature": 0.7, "top_p": 1.0, "beta": 0.0, "seed": 1, "dtype": getattr(args, "dtype", "float32"), "system": None}
 
 
+def system_turns(s: dict) -> list[dict]:
+    """The long-prompt row's system message as the first turn of a prompt ([] without --prompt-tokens)."""
+    return [] if s["system"] is None else [{"role": "system", "content": s["system"]}]
+
+
 FILLER = ("Read the problem with care, work the arithmetic step by step, check each partial result against the numbers "
           "given, and write the final number after four hash marks. ")
 
@@ -147,8 +152,7 @@ def trl_child(s: dict, model_dir: str, out: str) -> None:
     from open_instruct2.bootstrap import arithmetic_rows
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    system = [] if s["system"] is None else [{"role": "system", "content": s["system"]}]
-    data = Dataset.from_list([{"prompt": system + r["messages"]} for r in arithmetic_rows("train")[:256]])
+    data = Dataset.from_list([{"prompt": system_turns(s) + r["messages"]} for r in arithmetic_rows("train")[:256]])
     steps = []
 
     class Timer(TrainerCallback):
@@ -257,8 +261,7 @@ def main() -> None:
     sample_rows = arithmetic_rows("train")[:64]
     if args.prompt_tokens:
         s["system"] = long_system_prompt(tok, sample_rows, args.prompt_tokens)
-    system = [] if s["system"] is None else [{"role": "system", "content": s["system"]}]
-    lengths = [len(tokenize_prompt(tok, system + r["messages"])) for r in sample_rows]
+    lengths = [len(tokenize_prompt(tok, system_turns(s) + r["messages"])) for r in sample_rows]
     prompt_tokens, s["longest_prompt"] = statistics.mean(lengths), max(lengths)  # (the floor's prompt; ours' prompt limit)
     shown = {k: v for k, v in s.items() if k != "system"}
     print(f"settings: {json.dumps(shown)}; prompts {prompt_tokens:.0f} tokens on average; model: random {params / 1e6:.1f}M (SmolLM2-135M shape), {torch.get_num_threads()} threads", flush=True)

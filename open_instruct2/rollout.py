@@ -360,8 +360,7 @@ def _cache_expandable(model) -> bool:
     from .logprobs import decoder_of
     from .shared_prefix import shareable
 
-    decoder = decoder_of(model)
-    return decoder is not None and shareable(decoder)
+    return shareable(decoder_of(model))
 
 
 SHARE_MIN_PROMPT_TOKENS = 16

@@ -76,7 +76,7 @@ def should_share(mode: str, decoder, rollouts: Rollouts, rows: list[int]) -> boo
     """Whether a pass over `rows` shares prefixes: off never; on always; auto when it saves enough
     (AUTO_MIN_SAVED_FRACTION). Never for a model whose cache cannot be expanded (`shareable`). Gradient checkpointing
     changes nothing here: a checkpointed layer keeps these passes' caches (`_layers_keep_the_cache`)."""
-    if mode == "off" or not rows or rollouts.prompt_width < 2 or decoder is None or not shareable(decoder):
+    if mode == "off" or not rows or rollouts.prompt_width < 2 or not shareable(decoder):
         return False
     return mode == "on" or saved_fraction(rollouts, rows, group_rows(rollouts, rows)) >= AUTO_MIN_SAVED_FRACTION
 
@@ -112,11 +112,7 @@ class MicroBatch:
 def prefix_forward(decoder, input_ids: Tensor, attention_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     """Keys and values of every layer, each (g, heads, C, head_dim), for (g, C) prefix columns."""
     records = [_LayerRecord() for _ in range(decoder.config.num_hidden_layers)]
-    with _layers_keep_the_cache(decoder):
-        decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                past_key_values=Cache(layers=records), use_cache=False)
-    if not all(r.is_initialized for r in records):
-        raise RuntimeError("this model's layers did not use the key/value cache they were given; run with --shared_prefix off")
+    _forward_with(decoder, records, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
     return [r.keys for r in records], [r.values for r in records]
 
 
@@ -125,12 +121,17 @@ def suffix_hidden(decoder, input_ids: Tensor, attention_mask: Tensor, keys: list
     covers the prefix and these columns; keys/values per layer (b, heads, C, head_dim)."""
     prefixes = [_ReadOnlyPrefix(k, v) for k, v in zip(keys, values)]
     positions = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1] :]
+    return _forward_with(decoder, prefixes, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+
+
+def _forward_with(decoder, layers: list, **inputs):
+    """The decoder's forward over `inputs` with these cache layers (kept through checkpointing); a layer that was
+    never given its cache's states is an error, never a silently different result."""
     with _layers_keep_the_cache(decoder):
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                      past_key_values=Cache(layers=prefixes), use_cache=False)
-    if not all(p.reads for p in prefixes):
-        raise RuntimeError("this model's layers did not read the key/value cache they were given; run with --shared_prefix off")
-    return out.last_hidden_state
+        out = decoder(**inputs, past_key_values=Cache(layers=layers), use_cache=False)
+    if not all(layer.used for layer in layers):
+        raise RuntimeError("this model's layers did not use the key/value cache they were given; run with --shared_prefix off")
+    return out
 
 
 class _LayerRecord(DynamicLayer):
@@ -145,6 +146,10 @@ class _LayerRecord(DynamicLayer):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return query_length, 0
+
+    @property
+    def used(self) -> bool:
+        return self.is_initialized
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
@@ -162,10 +167,10 @@ class _ReadOnlyPrefix(DynamicLayer):
     def __init__(self, keys: Tensor, values: Tensor):
         super().__init__()
         self.lazy_initialization(keys, values)
-        self.keys, self.values, self.reads = keys, values, 0
+        self.keys, self.values, self.used = keys, values, False
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        self.reads += 1
+        self.used = True
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
@@ -185,8 +190,8 @@ def _layers_keep_the_cache(decoder):
 
 def shareable(decoder) -> bool:
     """Whether the model's KV cache is a plain per-layer key/value store that can be expanded to a group (not
-    sliding-window or linear-attention layers, whose caches keep other state)."""
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=decoder.config).layers)
+    sliding-window or linear-attention layers, whose caches keep other state); False without a decoder."""
+    return decoder is not None and all(type(layer) is DynamicLayer for layer in DynamicCache(config=decoder.config).layers)
 
 
 def shared_prefix_passes(decoder, rollouts: Rollouts, rows: list[int], size: int, with_grad: bool,
