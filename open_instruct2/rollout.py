@@ -10,9 +10,10 @@
 - The response mask is cut at the first eos (inclusive: stopping is learned too), never derived from the
   pad id, which equals eos for many models (SmolLM2 included).
 - Finish reason: 'stop' (eos or a stop string) or 'length' (hit response_length).
-- Shared prefix (--shared_prefix): the G samples of a prompt are G identical rows, so its prompt is prefilled once
-  and the KV cache repeated to its rows; generate then computes only the last prompt column per row. Same draws
-  (the Sampler's uniforms do not depend on how the logits were computed), logits equal up to rounding.
+- Shared prefix (--shared_prefix, rollout_prefix.py): the rows of a prompt forward what they share once (the G
+  samples: all of the prompt but its last column; a tool loop's later rounds: the prompt and more), the KV cache is
+  copied to the rows, and generate computes only each row's own columns. Same draws (the Sampler's uniforms do not
+  depend on how the logits were computed), logits equal up to rounding.
 - The sampler's log-prob of every drawn token is recorded (`Rollouts.sampler_logprobs`), as the vLLM backend
   returns it: the generation copy (merged LoRA, packed weights, a KV cache) is not bit for bit the trainer's
   forward pass, and the update corrects for the difference with the same truncated importance weights
@@ -27,7 +28,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.stopping_criteria import StopStringCriteria
 
-from .data import Prompt, PromptBatch
+from .data import PromptBatch
+from .rollout_prefix import cache_expandable, later_rounds_share, padded_rows, prefilled_cache, prefix_groups, shared_prefix_for
 
 
 @dataclass
@@ -237,12 +239,12 @@ def generate_rollouts(model, tokenizer, batch: PromptBatch, *, num_samples: int,
     """Sample num_samples responses per prompt of `batch` (generate_rows' settings)."""
     prompts = [p.prompt_ids for p in batch.prompts for _ in range(num_samples)]
     prompt_index = [i for i in range(len(batch.prompts)) for _ in range(num_samples)]
-    return generate_rows(model, tokenizer, prompts, prompt_index, group_size=num_samples, **settings)
+    return generate_rows(model, tokenizer, prompts, prompt_index, **settings)
 
 
 class HFEngine:
-    """HF generate as the tool loop's engine (tools/loop.py): round 1 from the prompts (a group's prompt prefilled once
-    under --shared_prefix), later rounds from each row's tokens so far (the rows differ by then)."""
+    """HF generate as the tool loop's engine (tools/loop.py): round 1 from the prompts, later rounds from each row's
+    tokens so far; under --shared_prefix a prompt's rows share what they have in common (rollout_prefix)."""
 
     def __init__(self, model, tokenizer, *, response_length: int, shared_prefix: str, **settings):
         self.model, self.tokenizer, self.response_length, self.shared_prefix, self.settings = model, tokenizer, response_length, shared_prefix, settings
@@ -254,10 +256,11 @@ class HFEngine:
                                  **self.settings)
 
     def more(self, sequences: list[list[int]], prompt_index: list[int], budgets: list[int], stop_strings: list[str]) -> Rollouts:
-        """The rows generate together, to the largest budget (the loop cuts each row to its own)."""
+        """The rows generate together, to the largest budget (the loop cuts each row to its own); the rows of one
+        prompt share what they have in common (its prompt at least) under --shared_prefix."""
         settings = {**self.settings, "static_width": None}  # the rows' widths change every round: no one cache shape to keep
-        return generate_rows(self.model, self.tokenizer, sequences, prompt_index, group_size=1, response_length=max(budgets),
-                             stop_strings=stop_strings, **settings)
+        return generate_rows(self.model, self.tokenizer, sequences, prompt_index, response_length=max(budgets), stop_strings=stop_strings,
+                             shared_prefix=later_rounds_share(self.shared_prefix, sequences, prompt_index), **settings)
 
 
 @torch.no_grad()
@@ -267,7 +270,6 @@ def generate_rows(
     prompts: list[list[int]],
     prompt_index: list[int],
     *,
-    group_size: int,
     response_length: int,
     temperature: float,
     top_p: float,
@@ -278,31 +280,33 @@ def generate_rows(
     shared_prefix: bool = False,
 ) -> Rollouts:
     """Continue each row of token ids in `prompts` by at most response_length tokens (greedy: the most likely tokens;
-    evaluation). Rows come in runs of group_size identical prompts (1: any rows, e.g. a tool loop's later rounds).
+    evaluation). prompt_index: each row's prompt (the rows of one prompt start with its tokens).
     static_width: generate over a static KV cache with the prompts left-padded to this width (a longer batch
     to the next multiple of STATIC_WIDTH_STEP), so that every batch of a run has one cache shape (on CUDA,
     each new shape is a new compile); None: the dynamic cache, padded to the batch's longest prompt.
-    shared_prefix: prefill each prompt once for its group_size rows (prefilled_cache; `shared_prefix_for` decides).
-    Not with a static cache, which generate allocates and fills itself: that path prefills every row, as before."""
+    shared_prefix: the rows of one prompt forward what they share once (rollout_prefix; `shared_prefix_for` and
+    `later_rounds_share` decide). Not with a static cache, which generate allocates and fills itself: that path
+    prefills every row, as before."""
     width = max(len(p) for p in prompts)
     static_cache = static_width is not None
     if static_cache:
         width = static_width if width <= static_width else -(-width // STATIC_WIDTH_STEP) * STATIC_WIDTH_STEP
+    shares = shared_prefix and not static_cache and cache_expandable(model)
+    shared, group = prefix_groups(prompts, prompt_index) if shares else ([0] * len(prompts), None)  # (N,) prefix lengths, prompts
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # (N, P)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    input_ids, attention_mask, C = padded_rows(prompts, shared, pad, width, device)  # (N, P), (N, P); C shared columns
+    width = input_ids.shape[1]
     eos = sorted(eos_ids(model, tokenizer))
     stopper = StopOnStrings(tokenizer, tuple(stop_strings), width, len(prompts), device) if stop_strings else None
     generation_config, sampler = sampling_config(
         temperature=temperature, top_p=top_p, response_length=response_length, pad_token_id=pad, eos_token_ids=eos, greedy=greedy,
         static_cache=static_cache,
     )
-    share = shared_prefix and group_size >= 2 and width >= 2 and not static_cache and _cache_expandable(model)
     was_training = model.training
     model.eval()
     try:
-        # generate sees a cache of P - 1 columns next to the (N, P) ids and mask: it forwards only the last column
-        cache = prefilled_cache(model, input_ids, attention_mask, group_size) if share else None
+        # generate sees a cache of C columns next to the (N, P) ids and mask: it forwards only the columns after them
+        cache = prefilled_cache(model, input_ids, attention_mask, C, group) if group is not None else None
         with only_these_settings(model):
             sequences = model.generate(
                 input_ids=input_ids,
@@ -337,51 +341,6 @@ def generate_rows(
         prompt_index=prompt_index,
         sampler_logprobs=sampler_logprobs,
     )
-
-
-def prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_samples: int):
-    """The KV cache of the prompt columns [0, P-1) of (N, P) left-padded rows made of runs of num_samples identical
-    rows: one decoder forward over the U = N / num_samples distinct prompts (shared_prefix.prefix_forward, as the
-    log-prob passes share theirs), each layer's keys/values (U, heads, P-1, d) repeated to (N, heads, P-1, d), in a
-    cache generate extends. Positions count from each row's first token, as generate counts them."""
-    from transformers import DynamicCache
-
-    from .logprobs import decoder_of
-    from .shared_prefix import prefix_forward  # (shared_prefix imports this module)
-
-    ids, mask = input_ids[::num_samples, :-1], attention_mask[::num_samples, :-1]  # (U, P-1)
-    keys, values = prefix_forward(decoder_of(model), ids, mask)
-    cache = DynamicCache(ddp_cache_data=zip(keys, values))  # (U rows: the copy it makes is of the distinct prompts only)
-    cache.batch_repeat_interleave(num_samples)
-    return cache
-
-
-def _cache_expandable(model) -> bool:
-    from .logprobs import decoder_of
-    from .shared_prefix import shareable
-
-    return shareable(decoder_of(model))
-
-
-SHARE_MIN_PROMPT_TOKENS = 16
-"""--shared_prefix auto prefills once per prompt in generation from this prompt width on. Measured on a 2-core AVX512
-CPU, SmolLM2-135M, 2 prompts x 8 samples, 64 new tokens (shared vs per row, medians of 3): fp32 0.96x at 8 prompt
-tokens, 1.18x at 32, 1.28x at 80, 1.82x at 256; bf16 1.13x, 1.15x, 1.13x, 1.21x (decoding dominates). Below a few
-tokens there is nothing to save but the extra forward call."""
-
-
-def share_prompt_prefill(prompt_width: int, num_samples: int) -> bool:
-    """--shared_prefix auto's rule for HF generation: prefill once per prompt for a batch of prompt_width columns
-    and num_samples samples per prompt."""
-    return num_samples >= 2 and prompt_width >= SHARE_MIN_PROMPT_TOKENS
-
-
-def shared_prefix_for(mode: str, prompts: list[Prompt], num_samples: int) -> bool:
-    """generate_rollouts' shared_prefix under --shared_prefix `mode`: off never; on whenever a prompt has several
-    samples; auto by share_prompt_prefill for the widest of `prompts`."""
-    if mode == "off" or num_samples < 2:
-        return False
-    return mode == "on" or share_prompt_prefill(max(len(p.prompt_ids) for p in prompts), num_samples)
 
 
 def _cut(generated: torch.Tensor, eos: torch.Tensor, stopped_at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from open_instruct2.data import Prompt, PromptBatch
-from open_instruct2.rollout import generate_rollouts, share_prompt_prefill, shared_prefix_for
+from open_instruct2.rollout import generate_rollouts, generate_rows
+from open_instruct2.rollout_prefix import later_rounds_share, padded_rows, prefix_groups, share_prompt_prefill, shared_prefix_for
 
 G = 4
 
@@ -137,3 +138,123 @@ def test_when_generation_shares():
 
 def batch_of_widths(widths):
     return [Prompt(list(range(1, n + 1)), [], ["1"], ["gsm8k"], "test") for n in widths]
+
+
+# A tool loop's later rounds: each row is its prompt and its response so far; the rows of a prompt share the prompt
+# and whatever their responses still have in common.
+
+
+def test_prefix_groups_share_the_longest_common_prefix_of_each_prompt():
+    rows = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [1, 2, 3, 4, 7, 7], [6, 6, 6], [8, 8, 1, 2], [8, 8, 1, 3]]
+    shared, group = prefix_groups(rows, [0, 0, 0, 1, 2, 2])
+    assert shared == [3, 3, 3, 2, 3, 3]  # a lone row shares all but its last token with itself
+    assert group == [0, 0, 0, 1, 2, 2]
+    assert prefix_groups([[1, 2, 3]] * 3, [4, 4, 4]) == ([2, 2, 2], [0, 0, 0])  # identical rows (round 1): all but the last
+    assert prefix_groups([[1, 2], [1, 3]], [0, 1]) == ([0, 0], None)  # no prompt with two rows
+    assert prefix_groups([[1, 2], [3, 4]], [0, 0]) == ([0, 0], None)  # nothing in common
+    ids, mask, C = padded_rows([[1, 2, 3, 4, 5], [1, 2, 9], [6, 6]], [2, 2, 1], pad=0, width=0, device="cpu")
+    assert C == 2
+    assert ids.tolist() == [[1, 2, 3, 4, 5], [1, 2, 0, 0, 9], [0, 6, 0, 0, 6]]  # prefixes end at C, own tokens at the end
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 1], [0, 1, 0, 0, 1]]
+    ids, mask, C = padded_rows([[1, 2, 3], [4]], [0, 0], pad=0, width=4, device="cpu")
+    assert (ids.tolist(), C) == ([[0, 1, 2, 3], [0, 0, 0, 4]], 0)  # nothing shared: left padding, to `width` at least
+
+
+def later_round_rows(tokenizer):
+    """Three prompts of different lengths, their rows continued differently: a response in common beyond the prompt
+    for two rows of prompt 0, responses of different lengths, and a lone row of prompt 2."""
+    prompts = [p.prompt_ids for p in batch_of(tokenizer, [6, 21, 13]).prompts]
+    said = tokenizer("<calculator>12 + 30</calculator><output>\n42\n</output>\n#### 42 and then some more words").input_ids
+    rows = [prompts[0] + said[:9], prompts[0] + said[:14], prompts[0] + said[:3] + said[20:22], prompts[1] + said[:1],
+            prompts[1] + said[5:17], prompts[1] + said[2:8], prompts[2] + said[:11]]
+    return rows, [0, 0, 0, 1, 1, 1, 2]
+
+
+def continue_rows(model, tokenizer, rows, prompt_index, shared, seed=0, length=12):
+    torch.manual_seed(seed)
+    return generate_rows(model, tokenizer, rows, prompt_index, response_length=length, temperature=1.0, top_p=0.9, stop_strings=None,
+                         device=torch.device("cpu"), shared_prefix=shared)
+
+
+def assert_same_continuations(a, b, atol=1e-4):
+    """The generated tokens (the layouts of the given rows differ: middle padding) and all that follows from them."""
+    assert torch.equal(a.input_ids[:, a.prompt_width :], b.input_ids[:, b.prompt_width :])
+    assert torch.equal(a.response_mask, b.response_mask)
+    assert a.finish_reasons == b.finish_reasons and a.response_texts == b.response_texts
+    torch.testing.assert_close(a.sampler_logprobs, b.sampler_logprobs, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
+def test_later_rounds_sample_what_the_per_row_prefill_samples(tiny_model_dir, tokenizer, adapter):
+    model = confident(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32))
+    model = lora(model) if adapter else model
+    rows, prompt_index = later_round_rows(tokenizer)
+    for seed in (0, 1):
+        assert_same_continuations(continue_rows(model, tokenizer, rows, prompt_index, False, seed),
+                                  continue_rows(model, tokenizer, rows, prompt_index, True, seed))
+
+
+def test_later_rounds_forward_each_prompts_common_part_once(tiny_model_dir, tokenizer):
+    """The embedding layer sees the U distinct prefixes (U, C), then each row's own columns (N, S), where the per-row
+    prefill forwards every row whole (N, W)."""
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    seen = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    rows, prompt_index = later_round_rows(tokenizer)
+    shared, _ = prefix_groups(rows, prompt_index)
+    C, S = max(shared), max(len(r) - k for r, k in zip(rows, shared))
+    continue_rows(model, tokenizer, rows, prompt_index, False, length=4)
+    assert seen[0] == (7, max(len(r) for r in rows))
+    seen.clear()
+    continue_rows(model, tokenizer, rows, prompt_index, True, length=4)
+    assert seen[:2] == [(3, C), (7, S)]
+    assert 7 * S + 3 * C < 7 * max(len(r) for r in rows)  # fewer columns forwarded than per row
+
+
+def test_when_later_rounds_share():
+    long, short = list(range(40)), list(range(5))
+    assert not later_rounds_share("off", [long, long], [0, 0])
+    assert later_rounds_share("on", [short, short], [0, 0]) and not later_rounds_share("on", [long, long], [0, 1])
+    assert later_rounds_share("auto", [long] * 4, [0, 0, 1, 1]) and not later_rounds_share("auto", [short] * 4, [0, 0, 1, 1])
+    assert not later_rounds_share("auto", [long] * 3, [0, 0, 1])  # 1.5 rows a prompt
+
+
+def test_a_tool_loop_with_the_builtin_model_is_the_same_shared_or_not(builtin_model_dir, tokenizer):
+    """rollouts_with_tools over HFEngine, the calculator demo's prompt (system prompt and worked examples), with
+    --shared_prefix on and off: the same responses, tool calls and outputs; the later rounds forward each prompt's
+    common part once."""
+    import json
+
+    from open_instruct2.data import tokenize_prompt, with_frame
+    from open_instruct2.rollout import HFEngine
+    from open_instruct2.tools.loop import ToolUse, rollouts_with_tools
+    from open_instruct2.tools.parsers import TagsParser
+    from open_instruct2.tools.runner import ToolRunner
+    from open_instruct2.tools.calculator import calculator_tool
+
+    model = AutoModelForCausalLM.from_pretrained(str(builtin_model_dir), dtype=torch.float32)
+    system = open("examples/calculator_system_prompt.txt").read()
+    few_shot = json.load(open("examples/calculator_few_shot.json"))
+    questions = ["What is 38 plus 47? Put the final answer after ####.", "Compute 9 times 14. Put the final answer after ####."]
+    prompts = [Prompt(tokenize_prompt(tokenizer, with_frame([{"role": "user", "content": q}], system, few_shot)), [], ["1"], ["gsm8k"], "t")
+               for q in questions]
+    batch = PromptBatch(prompts, [0, 1])
+    tools = {"calculator": calculator_tool()}
+    use = ToolUse(TagsParser(tools), ToolRunner(tools, 5.0, 2, 200), tokenizer, 2, True)
+    seen = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+
+    def run(mode):
+        seen.clear()
+        torch.manual_seed(0)
+        engine = HFEngine(model, tokenizer, response_length=40, shared_prefix=mode, temperature=1.0, top_p=1.0, device=torch.device("cpu"))
+        return rollouts_with_tools(engine, use, batch, num_samples=G, response_length=40, stop_strings=None), list(seen)
+
+    (off, off_seen), (on, on_seen) = run("off"), run("on")
+    assert on.stats["tools/calculator/calls"] >= 2  # later rounds happened (the model calls the calculator)
+    assert torch.equal(on.input_ids, off.input_ids) and torch.equal(on.response_mask, off.response_mask)
+    assert torch.equal(on.tool_mask, off.tool_mask) and on.finish_reasons == off.finish_reasons and on.turns == off.turns
+    torch.testing.assert_close(on.sampler_logprobs, off.sampler_logprobs, atol=1e-4, rtol=0)
+    P = max(len(p.prompt_ids) for p in prompts)
+    assert sum(n * w for n, w in on_seen) < sum(n * w for n, w in off_seen)
+    assert any(n <= 2 and w >= P for n, w in on_seen[1:]), on_seen  # a later round's prefixes: one row per prompt, the prompt and more
