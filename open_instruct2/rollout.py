@@ -252,7 +252,8 @@ class HFEngine:
 
     def first(self, batch: PromptBatch, num_samples: int, stop_strings: list[str]) -> Rollouts:
         return generate_rollouts(self.model, self.tokenizer, batch, num_samples=num_samples, response_length=self.response_length,
-                                 stop_strings=stop_strings, shared_prefix=shared_prefix_for(self.shared_prefix, batch.prompts, num_samples),
+                                 stop_strings=stop_strings,
+                                 shared_prefix=shared_prefix_for(self.shared_prefix, batch.prompts, num_samples, self.settings.get("static_width") is not None),
                                  **self.settings)
 
     def more(self, sequences: list[list[int]], prompt_index: list[int], budgets: list[int], stop_strings: list[str]) -> Rollouts:
@@ -285,13 +286,12 @@ def generate_rows(
     to the next multiple of STATIC_WIDTH_STEP), so that every batch of a run has one cache shape (on CUDA,
     each new shape is a new compile); None: the dynamic cache, padded to the batch's longest prompt.
     shared_prefix: the rows of one prompt forward what they share once (rollout_prefix; `shared_prefix_for` and
-    `later_rounds_share` decide). Not with a static cache, which generate allocates and fills itself: that path
-    prefills every row, as before."""
+    `later_rounds_share` decide), into a dynamic or a static cache."""
     width = max(len(p) for p in prompts)
     static_cache = static_width is not None
     if static_cache:
         width = static_width if width <= static_width else -(-width // STATIC_WIDTH_STEP) * STATIC_WIDTH_STEP
-    shares = shared_prefix and not static_cache and cache_expandable(model)
+    shares = shared_prefix and cache_expandable(model)
     shared, group = prefix_groups(prompts, prompt_index) if shares else ([0] * len(prompts), None)  # (N,) prefix lengths, prompts
     pad = tokenizer.pad_token_id
     input_ids, attention_mask, C = padded_rows(prompts, shared, pad, width, device)  # (N, P), (N, P); C shared columns
@@ -300,13 +300,14 @@ def generate_rows(
     stopper = StopOnStrings(tokenizer, tuple(stop_strings), width, len(prompts), device) if stop_strings else None
     generation_config, sampler = sampling_config(
         temperature=temperature, top_p=top_p, response_length=response_length, pad_token_id=pad, eos_token_ids=eos, greedy=greedy,
-        static_cache=static_cache,
+        static_cache=static_cache and group is None,  # a shared prefix brings its own static cache
     )
     was_training = model.training
     model.eval()
     try:
         # generate sees a cache of C columns next to the (N, P) ids and mask: it forwards only the columns after them
-        cache = prefilled_cache(model, input_ids, attention_mask, C, group) if group is not None else None
+        static_length = width + response_length if static_cache else None  # generate's own static cache is this long
+        cache = prefilled_cache(model, input_ids, attention_mask, C, group, static_length) if group is not None else None
         with only_these_settings(model):
             sequences = model.generate(
                 input_ids=input_ids,

@@ -6,9 +6,13 @@ columns.
   (generate forwards at least one column). Round 1 of a rollout: G identical rows, so all of the prompt but its last
   token. A tool loop's later rounds: the prompt, and whatever the rows' responses still have in common.
 - The layout (`padded_rows`): each row is [pad][its shared prefix][pad][its own tokens]. The prefixes end at one
-  column C (the cache's width), each row's own tokens at the last column. The padding in the middle is masked and
-  positions count real tokens only (generate and prefix_forward both take them from the attention mask), so a row's
-  logits are those of its unpadded tokens, up to rounding. With nothing shared (C = 0) it is plain left padding.
+  column C (the cache's width), each row's own tokens at the last column; a static cache's wider width is more left
+  padding. The padding in the middle is masked and positions count real tokens only (generate and prefix_forward
+  both take them from the attention mask), so a row's logits are those of its unpadded tokens, up to rounding. With
+  nothing shared it is plain left padding.
+- A static cache (CUDA's compiled decoding) is prefilled the same way, into one cache per shape kept on the model
+  and refilled at every call, so a compiled step sees the same tensors. --shared_prefix auto leaves that path to the
+  per-row prefill until it is measured on a GPU; `on` shares there too.
 - Same draws as the per-row prefill for the same seed (the Sampler's uniforms do not depend on how the logits were
   computed), logits equal up to rounding: tests/test_rollout_prefix.py.
 """
@@ -30,12 +34,13 @@ def share_prompt_prefill(prompt_width: int, rows_per_prompt: float) -> bool:
     return rows_per_prompt >= 2 and prompt_width >= SHARE_MIN_PROMPT_TOKENS
 
 
-def shared_prefix_for(mode: str, prompts: list[Prompt], num_samples: int) -> bool:
+def shared_prefix_for(mode: str, prompts: list[Prompt], num_samples: int, static_cache: bool = False) -> bool:
     """Round 1's shared_prefix under --shared_prefix `mode`: off never; on whenever a prompt has several samples;
-    auto by share_prompt_prefill for the widest of `prompts`."""
+    auto by share_prompt_prefill for the widest of `prompts`, and not with a static cache (CUDA's compiled decoding:
+    not measured on a GPU yet, so auto keeps the per-row prefill there)."""
     if mode == "off" or num_samples < 2:
         return False
-    return mode == "on" or share_prompt_prefill(max(len(p.prompt_ids) for p in prompts), num_samples)
+    return mode == "on" or (not static_cache and share_prompt_prefill(max(len(p.prompt_ids) for p in prompts), num_samples))
 
 
 def later_rounds_share(mode: str, sequences: list[list[int]], prompt_index: list[int]) -> bool:
@@ -69,10 +74,12 @@ def prefix_groups(rows: list[list[int]], prompt_index: list[int]) -> tuple[list[
 
 
 def padded_rows(rows: list[list[int]], shared: list[int], pad: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(input_ids, attention_mask) (N, W) in the layout above, W the larger of `width` and what the rows need, and C
-    (the shared columns' end). shared: each row's shared prefix length (all 0: left padding to W)."""
-    C = max(shared)
-    W = max(width, C + max(len(row) - k for row, k in zip(rows, shared)))
+    """(input_ids, attention_mask) (N, W) in the layout above, W the larger of `width` and what the rows need (any
+    more columns are left padding), and C (the columns before every row's own tokens: the cache's width).
+    shared: each row's shared prefix length (all 0: left padding to W)."""
+    S = max(len(row) - k for row, k in zip(rows, shared))
+    W = max(width, max(shared) + S)
+    C = W - S
     ids, mask = [], []
     for row, k in zip(rows, shared):
         lead, gap = C - k, W - C - (len(row) - k)
@@ -81,19 +88,41 @@ def padded_rows(rows: list[list[int]], shared: list[int], pad: int, width: int, 
     return torch.tensor(ids, device=device), torch.tensor(mask, device=device), C
 
 
-def prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, C: int, group: list[int]):
+def prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, C: int, group: list[int], static_length: int | None = None):
     """The KV cache of columns [0, C) of the (N, W) rows of padded_rows: one decoder forward over the U distinct
     prompts' prefixes (shared_prefix.prefix_forward, as the log-prob passes share theirs), each layer's keys/values
-    (U, heads, C, d) then selected to the rows (N, heads, C, d), in a cache generate extends."""
+    (U, heads, C, d) then selected to the rows (N, heads, C, d), in a cache generate extends: a DynamicCache, or with
+    static_length a static one of that many columns (written in place; `_static_cache`)."""
     from transformers import DynamicCache
 
     from .logprobs import decoder_of
     from .shared_prefix import prefix_forward  # (shared_prefix imports rollout, which imports this module)
 
     firsts = torch.tensor([group.index(u) for u in range(max(group) + 1)], device=input_ids.device)  # (U,)
+    rows = torch.tensor(group, device=input_ids.device)  # (N,)
     keys, values = prefix_forward(decoder_of(model), input_ids[firsts, :C], attention_mask[firsts, :C])
+    if static_length is not None:
+        cache = _static_cache(model, len(group), static_length, keys[0])
+        for layer, k, v in zip(cache.layers, keys, values):
+            layer.update(k.index_select(0, rows), v.index_select(0, rows))
+        return cache
     cache = DynamicCache(ddp_cache_data=zip(keys, values))  # (U rows: the copy it makes is of the distinct prompts only)
-    cache.batch_select_indices(torch.tensor(group, device=input_ids.device))
+    cache.batch_select_indices(rows)
+    return cache
+
+
+def _static_cache(model, rows: int, length: int, like: torch.Tensor):
+    """One static cache per generation model and shape, emptied and refilled at every call, as generate keeps its own:
+    a compiled decoding step (CUDA) then sees the same cache tensors every time instead of new ones."""
+    from transformers import StaticCache
+
+    key = (rows, length, like.dtype, like.device)
+    kept = getattr(model, "_shared_prefix_static_cache", None)
+    if kept is not None and kept[0] == key:
+        kept[1].reset()
+        return kept[1]
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    model._shared_prefix_static_cache = (key, cache)
     return cache
 
 

@@ -112,14 +112,32 @@ def test_each_prompt_is_prefilled_once(tiny_model_dir, tokenizer):
     assert seen == [(U, P - 1)] + [(N, 1)] * steps
 
 
-def test_no_sharing_with_a_static_cache_or_one_sample(tiny_model_dir, tokenizer):
+def test_a_static_cache_is_prefilled_once_too(tiny_model_dir, tokenizer):
+    """generate over a static cache (CUDA's compiled decoding; it runs uncompiled here): the prefixes are forwarded
+    once into a static cache of generate's own length, the rows sample what the per-row prefill samples, and the
+    next call of that shape refills the same cache."""
+    model = confident(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32))
+    seen = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    batch = batch_of(tokenizer, [3, 17])
+    per_row = sample(model, tokenizer, batch, False, length=12, static_width=32)
+    assert seen[0] == (2 * G, 32)  # generate allocates and fills a static cache itself
+    seen.clear()
+    shared = sample(model, tokenizer, batch, True, length=12, static_width=32)
+    assert seen[:2] == [(2, 31), (2 * G, 1)]  # the prefixes left-padded to the static width, then each row's last column
+    assert_same_rollouts(per_row, shared)
+    kept = model._shared_prefix_static_cache[1]
+    assert kept.get_max_length() == 32 + 12
+    again = sample(model, tokenizer, batch_of(tokenizer, [9, 4]), True, length=12, static_width=32)
+    assert model._shared_prefix_static_cache[1] is kept  # the same tensors for a compiled step
+    assert_same_rollouts(sample(model, tokenizer, batch_of(tokenizer, [9, 4]), False, length=12, static_width=32), again)
+
+
+def test_no_sharing_with_one_sample(tiny_model_dir, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     seen = []
     model.get_input_embeddings().register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
     batch = batch_of(tokenizer, [3, 17])
-    sample(model, tokenizer, batch, True, length=4, static_width=32)  # generate allocates and fills a static cache itself
-    assert seen[0] == (2 * G, 32)
-    seen.clear()
     torch.manual_seed(0)
     generate_rollouts(model, tokenizer, batch, num_samples=1, response_length=4, temperature=1.0, top_p=1.0, stop_strings=None,
                       device=torch.device("cpu"), greedy=True, shared_prefix=True)
@@ -132,6 +150,7 @@ def test_when_generation_shares():
     assert shared_prefix_for("on", prompts, 2) and not shared_prefix_for("on", prompts, 1)
     assert shared_prefix_for("auto", prompts, 8) == share_prompt_prefill(300, 8)
     assert not shared_prefix_for("auto", batch_of_widths([3]), 8) and shared_prefix_for("on", batch_of_widths([3]), 8)
+    assert not shared_prefix_for("auto", prompts, 8, static_cache=True) and shared_prefix_for("on", prompts, 8, static_cache=True)
     assert not share_prompt_prefill(4096, 1)
     assert share_prompt_prefill(256, 8)
 
@@ -156,8 +175,10 @@ def test_prefix_groups_share_the_longest_common_prefix_of_each_prompt():
     assert C == 2
     assert ids.tolist() == [[1, 2, 3, 4, 5], [1, 2, 0, 0, 9], [0, 6, 0, 0, 6]]  # prefixes end at C, own tokens at the end
     assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 1], [0, 1, 0, 0, 1]]
-    ids, mask, C = padded_rows([[1, 2, 3], [4]], [0, 0], pad=0, width=4, device="cpu")
-    assert (ids.tolist(), C) == ([[0, 1, 2, 3], [0, 0, 0, 4]], 0)  # nothing shared: left padding, to `width` at least
+    ids, mask, _ = padded_rows([[1, 2, 3], [4]], [0, 0], pad=0, width=4, device="cpu")
+    assert ids.tolist() == [[0, 1, 2, 3], [0, 0, 0, 4]]  # nothing shared: left padding, to `width` at least
+    ids, mask, C = padded_rows([[1, 2, 3], [1, 2, 4]], [2, 2], pad=0, width=5, device="cpu")
+    assert (ids.tolist(), C) == ([[0, 0, 1, 2, 3], [0, 0, 1, 2, 4]], 4)  # a wider (static) width: more left padding
 
 
 def later_round_rows(tokenizer):
