@@ -1,7 +1,8 @@
 """Rollouts: sample responses from the policy with HF `generate`.
 
 - Prompts are LEFT-padded, so every response starts at the same column and positions stay right
-  (the original right-padded before generate, which makes the model continue after padding).
+  (the original right-padded before generate, which makes the model continue after padding). The one exception
+  is a tool loop's later round under --shared_prefix (`generate_rows`): its rows are padded in the middle too.
 - Sampling uses exactly temperature and top_p from the flags: the model's generation_config.json
   (repetition penalty, min_p, top-k, ...) is kept out (`only_these_settings`), because the log-probs of
   the update model softmax(logits / T) and nothing else.
@@ -286,7 +287,9 @@ def generate_rows(
     to the next multiple of STATIC_WIDTH_STEP), so that every batch of a run has one cache shape (on CUDA,
     each new shape is a new compile); None: the dynamic cache, padded to the batch's longest prompt.
     shared_prefix: the rows of one prompt forward what they share once (rollout_prefix; `shared_prefix_for` and
-    `later_rounds_share` decide), into a dynamic or a static cache."""
+    `later_rounds_share` decide), into a dynamic or a static cache. Where rows of a prompt differ before their last
+    token (a tool loop's later rounds), the returned prompt columns are padded in the middle too (rollout_prefix's
+    layout): read such a result's response columns only, as the tool loop does; Rollouts.rows() assumes left padding."""
     width = max(len(p) for p in prompts)
     static_cache = static_width is not None
     if static_cache:
@@ -306,7 +309,7 @@ def generate_rows(
     model.eval()
     try:
         # generate sees a cache of C columns next to the (N, P) ids and mask: it forwards only the columns after them
-        static_length = width + response_length if static_cache else None  # generate's own static cache is this long
+        static_length = width + response_length - 1 if static_cache else None  # as long as generate's own (the last token is never forwarded)
         cache = prefilled_cache(model, input_ids, attention_mask, C, group, static_length) if group is not None else None
         with only_these_settings(model):
             sequences = model.generate(

@@ -10,9 +10,9 @@ columns.
   padding. The padding in the middle is masked and positions count real tokens only (generate and prefix_forward
   both take them from the attention mask), so a row's logits are those of its unpadded tokens, up to rounding. With
   nothing shared it is plain left padding.
-- A static cache (CUDA's compiled decoding) is prefilled the same way, into one cache per shape kept on the model
-  and refilled at every call, so a compiled step sees the same tensors. --shared_prefix auto leaves that path to the
-  per-row prefill until it is measured on a GPU; `on` shares there too.
+- A static cache (--generation_cache static; auto picks it on CUDA, for compiled decoding) is prefilled the same
+  way, into a new StaticCache of generate's own length at every call, as generate makes its own. --shared_prefix
+  auto leaves that path to the per-row prefill until it is measured on a GPU; `on` shares there too.
 - Same draws as the per-row prefill for the same seed (the Sampler's uniforms do not depend on how the logits were
   computed), logits equal up to rounding: tests/test_rollout_prefix.py.
 """
@@ -55,7 +55,7 @@ def later_rounds_share(mode: str, sequences: list[list[int]], prompt_index: list
 def prefix_groups(rows: list[list[int]], prompt_index: list[int]) -> tuple[list[int], list[int] | None]:
     """(k, group) per row: the rows of one prompt share their first k tokens (the longest common prefix that leaves
     each row a token of its own); group: the index of the row's prompt among the distinct ones, in order of first
-    appearance. (all 0, None) when nothing is worth sharing: no prefix column, or no prompt with two rows."""
+    appearance. (all 0, None) when nothing is worth sharing (`_saves`)."""
     members: dict[int, list[int]] = {}
     for r, p in enumerate(prompt_index):
         members.setdefault(p, []).append(r)
@@ -65,12 +65,28 @@ def prefix_groups(rows: list[list[int]], prompt_index: list[int]) -> tuple[list[
         k = min(len(rows[r]) for r in rs) - 1
         for r in rs[1:]:
             other = rows[r]
-            k = next((j for j in range(k) if other[j] != first[j]), k)
+            if other[:k] != first[:k]:  # (identical rows, round 1's, compare at C speed)
+                k = next(j for j in range(k) if other[j] != first[j])
         for r in rs:
             shared[r], group[r] = k, u
-    if max(shared, default=0) < 1 or len(members) == len(rows):
+    if not _saves(rows, shared, len(members)):
         return [0] * len(rows), None
     return shared, group
+
+
+WIDER_AT_MOST = 1.25
+"""How much wider than the longest row the shared layout may be (a long shared prefix beside another prompt's long
+own tokens): every decoding step attends over the width, and the KV cache holds it."""
+
+
+def _saves(rows: list[list[int]], shared: list[int], distinct: int) -> bool:
+    """Whether sharing forwards fewer columns (U x C + N x S against N x the longest row) in a layout no more than
+    WIDER_AT_MOST times the longest row: a prefix column, and a prompt with two rows."""
+    if max(shared, default=0) < 1 or distinct == len(rows):
+        return False
+    longest, C = max(len(r) for r in rows), max(shared)
+    S = max(len(r) - k for r, k in zip(rows, shared))
+    return distinct * C + len(rows) * S < len(rows) * longest and C + S <= WIDER_AT_MOST * longest
 
 
 def padded_rows(rows: list[list[int]], shared: list[int], pad: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -92,7 +108,7 @@ def prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """The KV cache of columns [0, C) of the (N, W) rows of padded_rows: one decoder forward over the U distinct
     prompts' prefixes (shared_prefix.prefix_forward, as the log-prob passes share theirs), each layer's keys/values
     (U, heads, C, d) then selected to the rows (N, heads, C, d), in a cache generate extends: a DynamicCache, or with
-    static_length a static one of that many columns (written in place; `_static_cache`)."""
+    static_length a static one of that many columns."""
     from transformers import DynamicCache
 
     from .logprobs import decoder_of
@@ -102,27 +118,14 @@ def prefilled_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     rows = torch.tensor(group, device=input_ids.device)  # (N,)
     keys, values = prefix_forward(decoder_of(model), input_ids[firsts, :C], attention_mask[firsts, :C])
     if static_length is not None:
-        cache = _static_cache(model, len(group), static_length, keys[0])
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config, max_cache_len=static_length)
         for layer, k, v in zip(cache.layers, keys, values):
             layer.update(k.index_select(0, rows), v.index_select(0, rows))
         return cache
     cache = DynamicCache(ddp_cache_data=zip(keys, values))  # (U rows: the copy it makes is of the distinct prompts only)
     cache.batch_select_indices(rows)
-    return cache
-
-
-def _static_cache(model, rows: int, length: int, like: torch.Tensor):
-    """One static cache per generation model and shape, emptied and refilled at every call, as generate keeps its own:
-    a compiled decoding step (CUDA) then sees the same cache tensors every time instead of new ones."""
-    from transformers import StaticCache
-
-    key = (rows, length, like.dtype, like.device)
-    kept = getattr(model, "_shared_prefix_static_cache", None)
-    if kept is not None and kept[0] == key:
-        kept[1].reset()
-        return kept[1]
-    cache = StaticCache(config=model.config, max_cache_len=length)
-    model._shared_prefix_static_cache = (key, cache)
     return cache
 
 

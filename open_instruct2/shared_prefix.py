@@ -26,8 +26,8 @@ that only read one) for the length of a pass, and a checkpointed layer's backwar
 This relies on non-reentrant checkpointing (policy.load_policy asks for it): the prefix's keys/values leave the
 checkpointed layers through the cache, not as outputs, and only non-reentrant checkpointing keeps their graph.
 
-Which columns are shared is decided here and nowhere else (`group_rows`): samples whose columns [0, P-1) are
-identical (tokens and mask) share them. That is the prompt of a GRPO group; a multi-turn rollout whose samples all
+Which columns these passes share is decided here and nowhere else (`group_rows`): samples whose columns [0, P-1)
+are identical (tokens and mask) share them (HF generation decides its own, rollout_prefix.prefix_groups). That is the prompt of a GRPO group; a multi-turn rollout whose samples all
 begin with the same turns shares those too, as long as they are in the prompt columns.
 """
 

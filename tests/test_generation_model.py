@@ -88,12 +88,14 @@ def test_unmerged_holder_is_the_policy(tiny_model_dir):
     assert GenerationModel(policy, merged=False, static_width=64).model() is policy
 
 
-def test_lora_run_with_merged_generation_and_static_cache(tmp_path, tiny_model_dir):
-    """The user's path: both settings forced on a CPU (auto would pick them on CUDA), with evaluation."""
+@pytest.mark.parametrize("shared_prefix", ["auto", "on"])
+def test_lora_run_with_merged_generation_and_static_cache(tmp_path, tiny_model_dir, shared_prefix):
+    """The user's path: both settings forced on a CPU (auto would pick them on CUDA), with evaluation; auto prefills
+    the static cache per row, on once per prompt."""
     proc = run_cli(*tiny_args(tmp_path, tiny_model_dir, "--train_mode", "lora", "--lora_r", "4", "--num_training_steps", "3",
                               "--learning_rate", "1e-2", "--lora_generation", "merged", "--generation_cache", "static",
                               "--dataset_mixer_eval_list", str(tmp_path / "rows.jsonl"), "5", "--num_evals", "2",
-                              "--per_device_train_batch_size", "8"))
+                              "--per_device_train_batch_size", "8", "--shared_prefix", shared_prefix))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "LoRA merged into a copy" in proc.stdout and "HF generate: static KV cache" in proc.stdout and "LoRA generation: a merged copy" in proc.stdout
     evals = sorted((tmp_path / "out" / "e2e" / "evals").glob("step_*.jsonl"))

@@ -112,11 +112,15 @@ def test_each_prompt_is_prefilled_once(tiny_model_dir, tokenizer):
     assert seen == [(U, P - 1)] + [(N, 1)] * steps
 
 
-def test_a_static_cache_is_prefilled_once_too(tiny_model_dir, tokenizer):
-    """generate over a static cache (CUDA's compiled decoding; it runs uncompiled here): the prefixes are forwarded
-    once into a static cache of generate's own length, the rows sample what the per-row prefill samples, and the
-    next call of that shape refills the same cache."""
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
+def test_a_static_cache_is_prefilled_once_too(tiny_model_dir, tokenizer, adapter):
+    """generate over a static cache (--generation_cache static; compiled on CUDA, uncompiled here): under `on` the
+    prefixes are forwarded once into a static cache, and the rows sample what the per-row prefill samples, stop
+    strings included; under auto the engine keeps the per-row prefill there."""
+    from open_instruct2.rollout import HFEngine
+
     model = confident(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32))
+    model = lora(model) if adapter else model
     seen = []
     model.get_input_embeddings().register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
     batch = batch_of(tokenizer, [3, 17])
@@ -126,11 +130,14 @@ def test_a_static_cache_is_prefilled_once_too(tiny_model_dir, tokenizer):
     shared = sample(model, tokenizer, batch, True, length=12, static_width=32)
     assert seen[:2] == [(2, 31), (2 * G, 1)]  # the prefixes left-padded to the static width, then each row's last column
     assert_same_rollouts(per_row, shared)
-    kept = model._shared_prefix_static_cache[1]
-    assert kept.get_max_length() == 32 + 12
-    again = sample(model, tokenizer, batch_of(tokenizer, [9, 4]), True, length=12, static_width=32)
-    assert model._shared_prefix_static_cache[1] is kept  # the same tensors for a compiled step
-    assert_same_rollouts(sample(model, tokenizer, batch_of(tokenizer, [9, 4]), False, length=12, static_width=32), again)
+    stop = tokenizer.decode(per_row.input_ids[1, 32 + 4 : 32 + 6].tolist())
+    assert_same_rollouts(sample(model, tokenizer, batch, False, stop=[stop], length=12, static_width=32),
+                         sample(model, tokenizer, batch, True, stop=[stop], length=12, static_width=32))
+    seen.clear()
+    torch.manual_seed(0)
+    auto = HFEngine(model, tokenizer, response_length=12, shared_prefix="auto", temperature=1.0, top_p=0.9, device=torch.device("cpu"),
+                    static_width=32).first(batch_of(tokenizer, [20, 30]), G, [])
+    assert seen[0] == (2 * G, 32) and auto.prompt_width == 32
 
 
 def test_no_sharing_with_one_sample(tiny_model_dir, tokenizer):
@@ -229,7 +236,14 @@ def test_later_rounds_forward_each_prompts_common_part_once(tiny_model_dir, toke
     seen.clear()
     continue_rows(model, tokenizer, rows, prompt_index, True, length=4)
     assert seen[:2] == [(3, C), (7, S)]
-    assert 7 * S + 3 * C < 7 * max(len(r) for r in rows)  # fewer columns forwarded than per row
+
+
+def test_no_sharing_where_the_layout_would_be_wider_or_forward_more():
+    long_prompt, short_prompt = list(range(100, 160)), list(range(200, 210))
+    rows = [long_prompt + [1], long_prompt + [2], short_prompt + list(range(50)), short_prompt + list(range(60, 110))]
+    # shared: 60 + 50 columns wide, the longest row 60: 1.8 times
+    assert prefix_groups(rows, [0, 0, 1, 1]) == ([0] * 4, None)
+    assert prefix_groups(rows[:2], [0, 0])[1] == [0, 0]
 
 
 def test_when_later_rounds_share():

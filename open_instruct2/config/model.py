@@ -28,7 +28,7 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     shared_prefix: Literal["auto", "on", "off"] = "auto"
-    """Compute the tokens all samples of a group share (the prompt) once per group instead of once per sample: in HF generation (one prefill per prompt, and per prompt in a tool loop's later rounds), the no-grad log-prob passes (old log-probs, the in-process reference) and the gradient pass; the result equals the per-sample computation up to rounding (README "Shared prefix and memory"). on: wherever it applies (with --gradient_checkpointing and CUDA's static generation cache too); auto: where the shared tokens are a large enough part of the work; off: per sample, as before. New."""
+    """Compute the tokens all samples of a group share (the prompt) once per group instead of once per sample: in HF generation (one prefill per prompt, and per prompt in a tool loop's later rounds), the no-grad log-prob passes (old log-probs, the in-process reference) and the gradient pass; the result equals the per-sample computation up to rounding (README "Shared prefix and memory"). on: wherever it applies (with --gradient_checkpointing and a static generation cache too: --generation_cache static, or auto on CUDA); auto: where the shared tokens are a large enough part of the work; off: per sample, as before. New."""
     chat_template_kwargs: Optional[str] = None
     """JSON object of extra arguments for the chat template, e.g. '{"enable_thinking": false}' to switch Qwen3's thinking off."""
 
