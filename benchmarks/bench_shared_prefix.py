@@ -10,6 +10,7 @@ computed once against once per sample, side by side in one run (alternating A, B
    sampled by the model (up to 64 tokens), LoRA, micro-batches of 1 (the default), no reference.
 2. The break-even of the no-grad pass (old log-probs, in-process reference): 8 samples per prompt, 32-token responses,
    prompts of 2 .. 256 tokens, batches of 8 (--inference_batch_size).
+3. The break-even of the update (forward + backward) on the same synthetic samples, at micro-batches of 1.
 
 Prediction, written before the first measurement: (1) the demo's samples are ~80 prompt + ~25 response tokens, so
 sharing forwards ~35 instead of ~105 tokens per sample: the update ~2.5x faster (less, since a micro-batch of one
@@ -108,10 +109,16 @@ def synthetic(prompt_len: int, group: int, response: int, vocab: int, groups: in
                     finish_reasons=["stop"] * len(ids), response_texts=[""] * len(ids), prompt_index=list(range(len(ids))))
 
 
+PROMPT_LENGTHS = (2, 4, 8, 16, 32, 80, 256)
+
+
 def bench_break_even(run, repeats: int) -> None:
     run.policy.eval()
     vocab = run.policy.config.vocab_size if hasattr(run.policy, "config") else 49152
-    for prompt_len in (2, 4, 8, 16, 32, 80, 256):
+    with torch.no_grad():
+        for share in (False, True):  # warm-up: the first calls of a shape pay for the kernels' set-up
+            batched_forward(run.policy, synthetic(PROMPT_LENGTHS[0], 8, 32, vocab), list(range(16)), 8, 0.7, share=share)
+    for prompt_len in PROMPT_LENGTHS:
         rollouts = synthetic(prompt_len, 8, 32, vocab)
         rows = list(range(rollouts.input_ids.shape[0]))
         frac = saved_fraction(rollouts, rows, group_rows(rollouts, rows))
@@ -122,10 +129,35 @@ def bench_break_even(run, repeats: int) -> None:
     run.policy.train()
 
 
+def bench_update_break_even(run, repeats: int) -> None:
+    """The update's break-even: forward + backward of 2 groups x 8 synthetic samples (32-token responses) at the
+    configured micro-batch size (1, the default), per sample against shared, over the prompt lengths above."""
+    vocab = run.policy.config.vocab_size if hasattr(run.policy, "config") else 49152
+    norm = LossNorm(num_tokens=16 * 32, num_sequences=16, max_response_length=32)
+    advantages = torch.randn(16)
+
+    def one(rollouts, mode):
+        def go():
+            run.cfg.model.shared_prefix = mode
+            update.backward_mini_batch(run.policy, run.master, rollouts, list(range(16)), norm, advantages, None, None, run.cfg,
+                                       defaultdict(lambda: torch.zeros(())))
+            run.optimizer.zero_grad(set_to_none=True)
+        return go
+
+    for mode in ("off", "on"):  # warm-up
+        one(synthetic(PROMPT_LENGTHS[0], 8, 32, vocab), mode)()
+    for prompt_len in PROMPT_LENGTHS:
+        rollouts = synthetic(prompt_len, 8, 32, vocab)
+        frac = saved_fraction(rollouts, list(range(16)), group_rows(rollouts, list(range(16))))
+        compare(f"update, prompt {prompt_len:3d}, 2 groups x 8, responses 32, micro-batch "
+                f"{run.cfg.optim.per_device_train_batch_size} (saves {frac:.2f} of the columns)",
+                {"per sample": one(rollouts, "off"), "shared prefix": one(rollouts, "on")}, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=["update", "break_even"], default=None)
+    parser.add_argument("--only", choices=["update", "break_even", "update_break_even"], default=None)
     parser.add_argument("--gradient_checkpointing", action="store_true", help="the policy with gradient checkpointing (the flag's default)")
     parser.add_argument("--tools_prompt", action="store_true", help="make run-tools' prompts (~229 tokens) instead of make run's (~90)")
     args = parser.parse_args()
@@ -137,6 +169,8 @@ def main() -> None:
             bench_update(run, repeats)
         if args.only in (None, "break_even"):
             bench_break_even(run, repeats)
+        if args.only in (None, "update_break_even"):
+            bench_update_break_even(run, repeats)
 
 
 if __name__ == "__main__":
