@@ -31,11 +31,13 @@ parameters through the checkpoint.
 
 Which models qualify: `output_layer(model)` is the output head of a causal LM (a PeftModel is unwrapped with
 get_base_model()), or None when the model's logits are not plain head(hidden): a final soft-cap (Gemma 2/3's
-`final_logit_softcapping`), a logit scale (Cohere's `logit_scale`, Granite's `logits_scaling`), a vocabulary
-slice, or no `get_output_embeddings()`. `decoder_of(model)` is the module that returns the last hidden states
+`final_logit_softcapping`), a logit scale (Cohere's `logit_scale`, Granite's `logits_scaling`, Falcon-H1's
+`lm_head_multiplier`), a vocabulary slice, no `get_output_embeddings()`, or (checked once per model on 4 tokens)
+logits that differ from head(hidden) for a reason no config attribute names. `decoder_of(model)` is the module that returns the last hidden states
 (already through the final norm; `.model` of a LlamaForCausalLM), from the base model's `get_decoder()`, or None.
 """
 
+import weakref
 from functools import partial
 
 import torch
@@ -172,7 +174,9 @@ def hidden_token_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, temp
 
 
 _CAPS = ("final_logit_softcapping", "logits_soft_cap", "unpadded_vocab_size")  # plain logits only when None
-_SCALES = ("logit_scale", "logits_scaling", "output_multiplier")  # plain logits only when None or 1
+_SCALES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")  # plain logits only when None or 1
+_HEAD_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+"""Per base model: whether its logits were found to equal head(decoder hidden states) (_logits_are_head_of_hidden)."""
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -187,8 +191,31 @@ def _plain_logits(owner) -> bool:
     return all(s is None or (isinstance(s, (int, float)) and s == 1) for s in scales)
 
 
+def _logits_are_head_of_hidden(base: nn.Module, head: nn.Module) -> bool:
+    """One forward of 4 tokens: do the model's logits equal head(decoder's last hidden states)? Catches a scale or
+    cap that no config attribute above names (any mismatch, or a decoder that cannot run alone, means no)."""
+    embeddings = base.get_input_embeddings() if callable(getattr(base, "get_input_embeddings", None)) else None
+    decoder = decoder_of(base)
+    if embeddings is None or decoder is None:
+        return False
+    ids = (torch.arange(4) % embeddings.weight.shape[0]).unsqueeze(0).to(embeddings.weight.device)  # (1, 4)
+    modes = [(m, m.training) for m in base.modules()]
+    base.eval()  # no dropout between the two forwards
+    try:
+        with torch.no_grad():
+            logits = base(input_ids=ids, use_cache=False).logits.float()  # (1, 4, V)
+            mine = head(decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
+    except Exception:  # noqa: BLE001  the model does not run this way: the logits path is the safe one
+        return False
+    finally:
+        for m, training in modes:
+            m.training = training
+    return mine.shape == logits.shape and bool((mine - logits).abs().max() <= 1e-3 * logits.abs().max() + 1e-6)
+
+
 def output_layer(model: nn.Module) -> nn.Module | None:
-    """The output head of a causal LM (its logits are head(decoder hidden states)), or None when they are not."""
+    """The output head of a causal LM (its logits are head(decoder hidden states)), or None when they are not:
+    a config attribute that changes them (_CAPS, _SCALES), or, checked once per model, logits that differ."""
     base = _base(model)
     config = getattr(base, "config", None)
     owners = [base, config]
@@ -197,7 +224,12 @@ def output_layer(model: nn.Module) -> nn.Module | None:
     if not all(_plain_logits(o) for o in owners if o is not None):
         return None
     get = getattr(base, "get_output_embeddings", None)
-    return get() if callable(get) else None
+    head = get() if callable(get) else None
+    if head is None:
+        return None
+    if base not in _HEAD_CHECKED:
+        _HEAD_CHECKED[base] = _logits_are_head_of_hidden(base, head)
+    return head if _HEAD_CHECKED[base] else None
 
 
 def decoder_of(model: nn.Module) -> nn.Module | None:

@@ -4,7 +4,8 @@ Sequence layout used everywhere (the layout `generate` returns):
     [left padding | prompt | response | right padding]  with the response starting at column P.
 Log-probs pass explicit position ids from the attention mask, so left padding does not shift positions,
 and take only the response columns' hidden states through the output layer, in chunks of rows
-(logprobs.hidden_token_logprobs): neither the prompt's logits nor a (B, T, V) logits tensor ever exist. With
+(logprobs.hidden_token_logprobs): neither the prompt's logits nor a (B, T, V) logits tensor ever exist (except for a
+model whose logits are not its head of the hidden states, logprobs.output_layer: a soft-cap or a scale). With
 --shared_prefix a group's prompt is forwarded once for its samples (shared_prefix.py, `logprob_passes`).
 Log-probs are taken at the sampling temperature (logits / T), on the policy and reference sides alike:
 the samples come from that distribution (logprobs.py).

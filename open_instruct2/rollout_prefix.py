@@ -17,6 +17,8 @@ columns.
   computed), logits equal up to rounding: tests/test_rollout_prefix.py.
 """
 
+from collections import Counter
+
 import torch
 
 from .data import Prompt
@@ -45,11 +47,12 @@ def shared_prefix_for(mode: str, prompts: list[Prompt], num_samples: int, static
 
 def later_rounds_share(mode: str, sequences: list[list[int]], prompt_index: list[int]) -> bool:
     """A tool loop's later rounds under `mode`: off never; on whenever two rows come from one prompt; auto by
-    share_prompt_prefill, with the shortest row standing for the prompt width (every row holds its whole prompt)."""
-    rows_per_prompt = len(sequences) / max(len(set(prompt_index)), 1)
-    if mode == "off" or rows_per_prompt == 1:
+    share_prompt_prefill for the prompt with the most rows still going, with the shortest row standing for the
+    prompt width (every row holds its whole prompt). prefix_groups then shares only if it forwards fewer columns."""
+    most = max(Counter(prompt_index).values(), default=0)
+    if mode == "off" or most < 2:
         return False
-    return mode == "on" or share_prompt_prefill(min(len(s) for s in sequences), rows_per_prompt)
+    return mode == "on" or share_prompt_prefill(min(len(s) for s in sequences), most)
 
 
 def prefix_groups(rows: list[list[int]], prompt_index: list[int]) -> tuple[list[int], list[int] | None]:

@@ -68,7 +68,7 @@ def saved_fraction(rollouts: Rollouts, rows: list[int], groups: list[int]) -> fl
         return 0.0
     left = shared_left_padding(rollouts, rows)
     prefix = rollouts.prompt_width - 1 - left
-    response = int(rollouts.response_mask[rows].sum(dim=1).float().mean()) + 1
+    response = int(rollouts.response_lengths[rows].float().mean()) + 1  # forwarded columns: tool output included
     return (len(rows) - len(set(groups))) * prefix / (len(rows) * (prefix + response))
 
 
@@ -76,8 +76,8 @@ def should_share(mode: str, decoder, rollouts: Rollouts, rows: list[int]) -> boo
     """Whether a pass over `rows` shares prefixes: off never; on always; auto when it saves enough
     (AUTO_MIN_SAVED_FRACTION). Never for a model whose cache cannot be expanded (`shareable`). Gradient checkpointing
     changes nothing here: a checkpointed layer keeps these passes' caches (`_layers_keep_the_cache`)."""
-    if mode == "off" or not rows or rollouts.prompt_width < 2 or not shareable(decoder):
-        return False
+    if mode == "off" or not rows or rollouts.prompt_width - 1 - shared_left_padding(rollouts, rows) < 1 or not shareable(decoder):
+        return False  # no column before the last prompt token that is not padding in every row: nothing to share
     return mode == "on" or saved_fraction(rollouts, rows, group_rows(rollouts, rows)) >= AUTO_MIN_SAVED_FRACTION
 
 
@@ -220,9 +220,10 @@ def shared_prefix_passes(decoder, rollouts: Rollouts, rows: list[int], size: int
             heads = [first_row[g] for g in missing]
             keys, values = prefix_forward(decoder, rollouts.input_ids[heads, left : p - 1], rollouts.attention_mask[heads, left : p - 1])
             graph = keys + values if with_grad else None
-            if with_grad:  # fp32 leaves: a bf16 prefix's gradient is summed over its samples in fp32 (as MasterWeights does)
-                keys = [k.detach().float().requires_grad_() for k in keys]
-                values = [v.detach().float().requires_grad_() for v in values]
+            if with_grad:  # fp32 leaves: a bf16 prefix's gradient is summed over its samples in fp32 (as MasterWeights does);
+                # one whose states depend on no trainable weight (layer 0's keys with LoRA on q_proj, v_proj only) takes none
+                keys = [k.detach().float().requires_grad_(k.requires_grad) for k in keys]
+                values = [v.detach().float().requires_grad_(v.requires_grad) for v in values]
             batch = _PrefixBatch(keys, values, graph, remaining=sum(members[g] for g in missing))
             alive.append(batch)
             where.update((g, (batch, i)) for i, g in enumerate(missing))

@@ -90,8 +90,9 @@ def test_unmerged_holder_is_the_policy(tiny_model_dir):
 
 @pytest.mark.parametrize("shared_prefix", ["auto", "on"])
 def test_lora_run_with_merged_generation_and_static_cache(tmp_path, tiny_model_dir, shared_prefix):
-    """The user's path: both settings forced on a CPU (auto would pick them on CUDA), with evaluation; auto prefills
-    the static cache per row, on once per prompt."""
+    """The user's path: both settings forced on a CPU (auto would pick them on CUDA), with evaluation, under
+    --shared_prefix auto (the static cache prefilled per row) and on (once per prompt: that the prefill then really
+    is one per prompt is test_rollout_prefix's test_a_static_cache_is_prefilled_once_too)."""
     proc = run_cli(*tiny_args(tmp_path, tiny_model_dir, "--train_mode", "lora", "--lora_r", "4", "--num_training_steps", "3",
                               "--learning_rate", "1e-2", "--lora_generation", "merged", "--generation_cache", "static",
                               "--dataset_mixer_eval_list", str(tmp_path / "rows.jsonl"), "5", "--num_evals", "2",

@@ -273,3 +273,38 @@ def test_temperatures_must_be_positive():
         hidden_token_logprobs(torch.randn(1, 2, WIDTH), head, torch.zeros(1, 2, dtype=torch.long), (1.0, 0.0))
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(torch.randn(1, 2, 5), torch.zeros(1, 2, dtype=torch.long), -1.0)
+
+
+class HalvedLogits(LlamaForCausalLM):
+    """A model whose forward changes the logits after the head, with no config attribute saying so."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def test_logits_that_are_not_the_head_of_the_hidden_states_take_the_logits_path():
+    """Falcon-H1 multiplies its logits by lm_head_multiplier (µP); a model may scale them in its forward with no
+    attribute naming it: output_layer checks once, on 4 tokens, that head(hidden) is the logits, so that both get
+    the model's own log-probs (through its logits) rather than silently different ones."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    from open_instruct2.policy import response_logprobs
+
+    falcon = FalconH1ForCausalLM(FalconH1Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=2, num_key_value_heads=1, mamba_d_ssm=32, mamba_n_heads=4,
+                                                mamba_d_head=8, mamba_d_state=8, lm_head_multiplier=0.05))
+    assert output_layer(falcon) is None
+    config = tiny_llama().config
+    halved = HalvedLogits(config).double()
+    assert output_layer(halved) is None
+    assert halved.training  # the check leaves the modules' modes as it found them
+    ids = torch.randint(0, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    got = response_logprobs(halved, ids, mask, 4, temperature=0.7)  # (2, 5)
+    with torch.no_grad():
+        want, _ = full_softmax(halved(input_ids=ids).logits[:, 3:-1], ids[:, 4:], 0.7)
+    torch.testing.assert_close(got.double(), want)
+    plain = LlamaForCausalLM(config).double()
+    assert output_layer(plain) is plain.lm_head

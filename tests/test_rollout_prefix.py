@@ -251,7 +251,8 @@ def test_when_later_rounds_share():
     assert not later_rounds_share("off", [long, long], [0, 0])
     assert later_rounds_share("on", [short, short], [0, 0]) and not later_rounds_share("on", [long, long], [0, 1])
     assert later_rounds_share("auto", [long] * 4, [0, 0, 1, 1]) and not later_rounds_share("auto", [short] * 4, [0, 0, 1, 1])
-    assert not later_rounds_share("auto", [long] * 3, [0, 0, 1])  # 1.5 rows a prompt
+    # the prompt with the most rows still going decides (prefix_groups then shares only where columns are saved)
+    assert later_rounds_share("auto", [long] * 6, [0, 0, 0, 1, 2, 3]) and not later_rounds_share("auto", [long] * 3, [0, 1, 2])
 
 
 def test_a_tool_loop_with_the_builtin_model_is_the_same_shared_or_not(builtin_model_dir, tokenizer):

@@ -10,6 +10,7 @@ import torch
 from conftest import run_cli, tiny_config, write_rows
 from open_instruct2 import trainer, update
 from open_instruct2.data import Prompt, PromptBatch, tokenize_prompt
+from open_instruct2.logprobs import output_layer
 from open_instruct2.policy import decoder_of, shares_prefix
 from open_instruct2.reference import batched_forward
 from open_instruct2.rollout import generate_rollouts
@@ -70,10 +71,18 @@ def test_no_grad_log_probs_and_entropies_equal_the_per_sample_pass(built, dtype,
         assert (shared - plain).abs().mean() < atol / 10
 
 
-def gradients_of_one_update(run, rollouts, rows):
-    """update_policy's gradients (captured instead of stepped) and metrics for the selected rows."""
+def gradients_of_one_update(run, rollouts, rows, step=False):
+    """update_policy's gradients (captured instead of stepped; with `step`, captured and stepped, so that later
+    mini-batches and epochs are off-policy) and metrics for the selected rows."""
     seen = []
-    run.optimizer.step = lambda *a, **k: seen.append([None if p.grad is None else p.grad.clone() for p in run.master.optim_params])
+    optimizer_step = run.optimizer.step
+
+    def capture(*args, **kwargs):
+        seen.append([None if p.grad is None else p.grad.clone() for p in run.master.optim_params])
+        if step:
+            optimizer_step(*args, **kwargs)
+
+    run.optimizer.step = capture
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.2, 0.9, 0.4])
     advantages = rewards - rewards.view(3, G).mean(1).repeat_interleave(G)  # (N,)
     ref = None if run.reference is None else run.reference.logprobs(rollouts, rows)
@@ -88,7 +97,7 @@ def gradients_of_one_update(run, rollouts, rows):
 @pytest.mark.parametrize("size", [1, 2, 4])
 def test_gradients_losses_and_metrics_equal_the_per_sample_update(built, train_mode, size):
     """Micro-batches of 1 (a group split over three backward passes), 2 and 4 (parts of two groups); the KL term
-    against the in-process reference (itself shared), two epochs (the old log-probs pass), a group of one."""
+    against the in-process reference (itself shared), the top-entropy token mask, a group of one."""
     results = {}
     for mode in ("off", "on"):
         run, rollouts = built(train_mode=train_mode, beta=0.1, per_device_train_batch_size=size, num_epochs=1,
@@ -109,6 +118,43 @@ def test_gradients_losses_and_metrics_equal_the_per_sample_update(built, train_m
     assert plain_metrics.keys() == shared_metrics.keys()
     for name, value in plain_metrics.items():
         assert shared_metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
+def assert_same_gradients(plain, shared):
+    """Each parameter's gradient within 1e-4 of its own scale at the first step (measured: 2-5e-6), 1e-3 at later
+    ones (measured: up to 2.7e-4; Adam turns the first steps' rounding into small differences of the weights)."""
+    assert len(plain) == len(shared) > 0
+    compared = 0
+    for step, (step_a, step_b) in enumerate(zip(plain, shared)):
+        for a, b in zip(step_a, step_b):
+            assert (a is None) == (b is None)
+            if a is not None:
+                bound = (1e-4 if step == 0 else 1e-3) * a.abs().max() + 1e-8
+                assert (b - a).abs().max() <= bound, (step, (b - a).abs().max(), a.abs().max())
+                compared += int(a.abs().sum() > 0)
+    assert compared > 0
+
+
+@pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj", "lm_head"]])  # the second: layer 0's prefix keys need no gradient
+def test_off_policy_epochs_and_mini_batches_equal_the_per_sample_update(built, targets):
+    """Three mini-batches x two epochs, each optimizer step taken: the old log-probs pass (shared too) and the ratios
+    of the later steps are off-policy, with the entropy bonus and the KL term; LoRA on the default modules, and on
+    the output layer too (its adapter reached through the chunked head); every step's gradient and the metrics
+    equal the per-sample run's (assert_same_gradients; at 5e-2 a step Adam grows the first step's 5e-6 of rounding
+    to 0.2 by the sixth, so the rate is 1e-2)."""
+    results = {}
+    for mode in ("off", "on"):
+        run, rollouts = built(train_mode="lora", learning_rate=1e-2, beta=0.1, per_device_train_batch_size=2, num_epochs=2,
+                              num_mini_batches=3, entropy_coef=0.01, shared_prefix=mode, lora_target_modules=targets)
+        if targets:
+            assert any("lm_head" in name and "lora_B" in name for name, p in run.policy.named_parameters() if p.requires_grad)
+        results[mode] = gradients_of_one_update(run, rollouts, list(range(9)), step=True)
+    (plain, plain_metrics, _), (shared, shared_metrics, _) = results["off"], results["on"]
+    assert len(plain) == 6
+    assert_same_gradients(plain, shared)
+    assert plain_metrics["train/clip_fraction"] > 0  # the later steps really are off-policy: some ratios are clipped
+    for name, value in plain_metrics.items():
+        assert shared_metrics[name] == pytest.approx(value, rel=1e-3, abs=1e-5), name
 
 
 @pytest.mark.parametrize("train_mode", ["full", "lora"])
@@ -154,6 +200,7 @@ def test_bf16_gradients_match_within_rounding(built):
 def test_the_prefix_is_forwarded_once_per_group(built):
     run, rollouts = built()
     run.policy.eval()
+    output_layer(run.policy)  # its one check of the head (4 tokens) before the count
     seen = []
     hook = run.policy.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
     try:
@@ -183,15 +230,27 @@ def test_auto_shares_where_it_saves_work(built):
     assert not should_share("auto", decoder, one_token, [0, 1, 2, 3])
     assert not should_share("on", decoder, one_token, [0, 1, 2, 3])
     assert not should_share("on", decoder, rollouts, [])  # nothing to compute
+    # rows of 1-token prompts beside a longer prompt: their prefix columns are all padding, 0 columns to share
+    mixed = generate_rollouts(run.policy, run.tokenizer, PromptBatch([Prompt(p, [], ["1"], ["gsm8k"], "t") for p in ([5], [6], list(range(10, 30)))],
+                                                                     [0, 1, 2]), num_samples=2, response_length=4, temperature=0.7,
+                              top_p=1.0, stop_strings=None, device=torch.device("cpu"))
+    assert not should_share("on", decoder, mixed, [0, 1, 2, 3])
+    assert should_share("on", decoder, mixed, [0, 1, 4, 5])  # with the long prompt's group there is a prefix
+    plain, _ = batched_forward(run.policy, mixed, [0, 1, 4, 5], 4, 0.7, share=False)
+    shared, _ = batched_forward(run.policy, mixed, [0, 1, 4, 5], 4, 0.7, share=True)
+    assert torch.allclose(shared, plain, atol=2e-5)
 
 
-def test_a_training_run_with_the_shared_prefix(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("checkpointing", ["true", "false"])
+def test_a_training_run_with_the_shared_prefix(tmp_path, tiny_model_dir, checkpointing):
+    """LoRA on q_proj and v_proj only: without checkpointing (which makes the embeddings' output require a gradient)
+    layer 0's prefix keys depend on no trainable weight, and the prefix's backward once failed on them."""
     data = write_rows(tmp_path / "rows.jsonl")
     base = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", data, "1.0", "--num_unique_prompts_rollout", "2",
             "--num_samples_per_prompt_rollout", "4", "--response_length", "8", "--num_training_steps", "2", "--policy_dtype", "float32",
             "--device", "cpu", "--output_dir", tmp_path / "out", "--beta", "0.05", "--reference_mode", "in_process"]
-    proc = run_cli(*base, "--shared_prefix", "on", "--gradient_checkpointing", "true", "--train_mode", "lora", "--num_epochs", "2",
-                   "--run_name", "shared")
+    proc = run_cli(*base, "--shared_prefix", "on", "--gradient_checkpointing", checkpointing, "--train_mode", "lora", "--num_epochs", "2",
+                   "--lora_target_modules", "q_proj", "v_proj", "--run_name", "shared")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 2/2" in proc.stdout + proc.stderr  # (a layer that dropped its cache would have stopped the run: shared_prefix.py)
 
