@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from open_instruct2.data import Prompt, PromptBatch
 from open_instruct2.rollout import generate_rollouts, generate_rows
-from open_instruct2.rollout_prefix import later_rounds_share, padded_rows, prefix_groups, share_prompt_prefill, shared_prefix_for
+from open_instruct2.rollout_prefix import cache_expandable, later_rounds_share, padded_rows, prefix_groups, share_prompt_prefill, shared_prefix_for
 
 G = 4
 
@@ -61,6 +61,20 @@ def test_shared_prefill_samples_what_the_per_row_prefill_samples(tiny_model_dir,
     model = lora(model) if adapter else model
     batch = batch_of(tokenizer, [3, 17, 9, 30])
     assert_same_rollouts(sample(model, tokenizer, batch, False), sample(model, tokenizer, batch, True))
+
+
+def test_the_packed_generation_copy_samples_the_same_shared_or_not(tiny_model_dir, tokenizer):
+    """--generation_linear packed (the CPU default in bf16 on AVX-512): the prefix forward runs the copy's
+    pre-packed linear layers, as generate does."""
+    from open_instruct2.generation_model import GenerationModel, PackedLinear, packing_available
+
+    if not packing_available():
+        pytest.skip("pre-packed linear weights need an x86 CPU with oneDNN")
+    policy = lora(confident(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)))
+    copy = GenerationModel(policy, merged=True, static_width=None, packed=True).model()
+    assert any(isinstance(m, PackedLinear) for m in copy.modules()) and cache_expandable(copy)  # (else generate would not share)
+    batch = batch_of(tokenizer, [3, 17, 9, 30])
+    assert_same_rollouts(sample(copy, tokenizer, batch, False), sample(copy, tokenizer, batch, True))
 
 
 def test_builtin_model_samples_the_same(builtin_model_dir, tokenizer):

@@ -186,10 +186,11 @@ def test_gradients_under_gradient_checkpointing_equal_the_per_sample_update(buil
     assert compared > 0
 
 
-def test_bf16_gradients_match_within_rounding(built):
+@pytest.mark.parametrize("train_mode", ["full", "lora"])
+def test_bf16_gradients_match_within_rounding(built, train_mode):
     grads = {}
     for mode in ("off", "on"):
-        run, rollouts = built(policy_dtype="bfloat16", train_mode="full", beta=0.0, reference_mode="none",
+        run, rollouts = built(policy_dtype="bfloat16", train_mode=train_mode, beta=0.0, reference_mode="none",
                               per_device_train_batch_size=2, shared_prefix=mode)
         grads[mode] = torch.cat([g.flatten() for g in gradients_of_one_update(run, rollouts, list(range(9)))[0][0] if g is not None])
     a, b = grads["off"], grads["on"]
