@@ -175,8 +175,8 @@ def hidden_token_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, temp
 
 _CAPS = ("final_logit_softcapping", "logits_soft_cap", "unpadded_vocab_size")  # plain logits only when None
 _SCALES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")  # plain logits only when None or 1
-_HEAD_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-"""Per base model: whether its logits were found to equal head(decoder hidden states) (_logits_are_head_of_hidden)."""
+_HEAD_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, bool]]" = weakref.WeakKeyDictionary()
+"""Per base model: (its head, whether its logits were found to equal head(decoder hidden states))."""
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -192,30 +192,33 @@ def _plain_logits(owner) -> bool:
 
 
 def _logits_are_head_of_hidden(base: nn.Module, head: nn.Module) -> bool:
-    """One forward of 4 tokens: do the model's logits equal head(decoder's last hidden states)? Catches a scale or
-    cap that no config attribute above names (any mismatch, or a decoder that cannot run alone, means no)."""
-    embeddings = base.get_input_embeddings() if callable(getattr(base, "get_input_embeddings", None)) else None
-    decoder = decoder_of(base)
-    if embeddings is None or decoder is None:
-        return False
-    ids = (torch.arange(4) % embeddings.weight.shape[0]).unsqueeze(0).to(embeddings.weight.device)  # (1, 4)
+    """Two forwards of 4 tokens: are the model's logits head(decoder's last hidden states), within a few units of
+    their dtype's rounding? Catches a scale or cap that no config attribute above names. No, too, for a model that
+    cannot run this way (the logits path is then the safe one); running out of memory is raised, not cached."""
     modes = [(m, m.training) for m in base.modules()]
-    base.eval()  # no dropout between the two forwards
     try:
+        embeddings, decoder = base.get_input_embeddings(), decoder_of(base)
+        ids = (torch.arange(4) % embeddings.weight.shape[0]).unsqueeze(0).to(embeddings.weight.device)  # (1, 4)
+        base.eval()  # no dropout between the two forwards
         with torch.no_grad():
-            logits = base(input_ids=ids, use_cache=False).logits.float()  # (1, 4, V)
+            raw = base(input_ids=ids, use_cache=False).logits  # (1, 4, V)
             mine = head(decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
-    except Exception:  # noqa: BLE001  the model does not run this way: the logits path is the safe one
+            logits = raw.float()
+            bound = 8 * torch.finfo(raw.dtype).eps * logits.abs().max() + 1e-6
+            return mine.shape == logits.shape and bool((mine - logits).abs().max() <= bound)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:  # noqa: BLE001  (NotImplementedError, a decoder that cannot run alone, meta weights, ...)
         return False
     finally:
         for m, training in modes:
             m.training = training
-    return mine.shape == logits.shape and bool((mine - logits).abs().max() <= 1e-3 * logits.abs().max() + 1e-6)
 
 
 def output_layer(model: nn.Module) -> nn.Module | None:
     """The output head of a causal LM (its logits are head(decoder hidden states)), or None when they are not:
-    a config attribute that changes them (_CAPS, _SCALES), or, checked once per model, logits that differ."""
+    a config attribute that changes them (_CAPS, _SCALES), or, checked once per model and head, logits that differ.
+    (That check is two 4-token forwards on the first call: forward hooks and dispatch recorders see them.)"""
     base = _base(model)
     config = getattr(base, "config", None)
     owners = [base, config]
@@ -227,9 +230,10 @@ def output_layer(model: nn.Module) -> nn.Module | None:
     head = get() if callable(get) else None
     if head is None:
         return None
-    if base not in _HEAD_CHECKED:
-        _HEAD_CHECKED[base] = _logits_are_head_of_hidden(base, head)
-    return head if _HEAD_CHECKED[base] else None
+    checked = _HEAD_CHECKED.get(base)
+    if checked is None or checked[0] is not head:  # a head replaced since (a resize, an adapter): checked again
+        checked = _HEAD_CHECKED[base] = (head, _logits_are_head_of_hidden(base, head))
+    return head if checked[1] else None
 
 
 def decoder_of(model: nn.Module) -> nn.Module | None:

@@ -32,7 +32,7 @@ tokens there is nothing to save but the extra forward call."""
 
 def share_prompt_prefill(prompt_width: int, rows_per_prompt: float) -> bool:
     """--shared_prefix auto's rule for HF generation: prefill once per prompt for prompts of prompt_width tokens
-    with rows_per_prompt rows each (on average)."""
+    with rows_per_prompt rows each (round 1: the samples per prompt; later rounds: the most rows of one prompt)."""
     return rows_per_prompt >= 2 and prompt_width >= SHARE_MIN_PROMPT_TOKENS
 
 
@@ -47,12 +47,13 @@ def shared_prefix_for(mode: str, prompts: list[Prompt], num_samples: int, static
 
 def later_rounds_share(mode: str, sequences: list[list[int]], prompt_index: list[int]) -> bool:
     """A tool loop's later rounds under `mode`: off never; on whenever two rows come from one prompt; auto by
-    share_prompt_prefill for the prompt with the most rows still going, with the shortest row standing for the
-    prompt width (every row holds its whole prompt). prefix_groups then shares only if it forwards fewer columns."""
-    most = max(Counter(prompt_index).values(), default=0)
-    if mode == "off" or most < 2:
+    share_prompt_prefill for the prompt with the most rows still going, its shortest row standing for its prompt
+    width (every row holds its whole prompt). prefix_groups then shares only if it forwards fewer columns."""
+    counts = Counter(prompt_index)
+    if mode == "off" or not counts or max(counts.values()) < 2:
         return False
-    return mode == "on" or share_prompt_prefill(min(len(s) for s in sequences), most)
+    top = max(counts, key=counts.get)
+    return mode == "on" or share_prompt_prefill(min(len(s) for s, p in zip(sequences, prompt_index) if p == top), counts[top])
 
 
 def prefix_groups(rows: list[list[int]], prompt_index: list[int]) -> tuple[list[int], list[int] | None]:

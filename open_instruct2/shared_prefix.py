@@ -46,8 +46,8 @@ from .rollout import Rollouts, RowSlice, position_ids_from_mask
 AUTO_MIN_SAVED_FRACTION = 0.2
 """--shared_prefix auto shares when the columns it saves are at least this fraction of a pass's columns. Measured on an
 idle 2-core AVX-512 CPU, bf16 SmolLM2-135M, 2 groups x 8, 32-token responses (BENCHMARKS.md 2026-12-08): the update
-(micro-batch 1) breaks even between 0.15 and 0.27 saved (1.63x at 0.62, 2.28x at 0.77), the no-grad pass between
-0.07 and 0.15 (0.82x at 0.03)."""
+(micro-batch 1) shows no measurable difference up to 0.27 saved and gains from 0.42 (1.18x; 1.63x at 0.62, 2.28x at
+0.77); the no-grad pass loses below 0.07 (0.82x at 0.03) and gains from 0.15 (1.07x)."""
 
 
 def group_rows(rollouts: Rollouts, rows: list[int]) -> list[int]:
@@ -181,6 +181,9 @@ def _layers_keep_the_cache(decoder):
     """For the length of a shared pass, a checkpointed decoder layer keeps the cache it is given (transformers drops
     it otherwise); the caches above are replay-safe."""
     layers = [m for m in decoder.modules() if isinstance(m, GradientCheckpointingLayer) and "_can_checkpoint_with_cache" not in vars(m)]
+    if torch.is_grad_enabled() and any(_reentrant(layer) for layer in layers):  # (policy.load_policy asks for non-reentrant)
+        raise RuntimeError("the shared prefix needs non-reentrant gradient checkpointing (its gradient would be lost); "
+                           "enable it with use_reentrant=False or run with --shared_prefix off")
     for layer in layers:
         layer._can_checkpoint_with_cache = True
     try:
@@ -188,6 +191,13 @@ def _layers_keep_the_cache(decoder):
     finally:
         for layer in layers:
             del layer._can_checkpoint_with_cache
+
+
+def _reentrant(layer) -> bool:
+    """Whether a layer is checkpointed reentrantly (transformers' partial(checkpoint, use_reentrant=...); unset is
+    transformers' own default, True)."""
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    return bool(getattr(layer, "gradient_checkpointing", False)) and getattr(func, "keywords", {}).get("use_reentrant", True) is not False
 
 
 def shareable(decoder) -> bool:

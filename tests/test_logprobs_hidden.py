@@ -295,7 +295,7 @@ def test_logits_that_are_not_the_head_of_the_hidden_states_take_the_logits_path(
     falcon = FalconH1ForCausalLM(FalconH1Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=1,
                                                 num_attention_heads=2, num_key_value_heads=1, mamba_d_ssm=32, mamba_n_heads=4,
                                                 mamba_d_head=8, mamba_d_state=8, lm_head_multiplier=0.05))
-    assert output_layer(falcon) is None
+    assert output_layer(falcon) is None and falcon not in logprobs._HEAD_CHECKED  # refused by its config, before any forward
     config = tiny_llama().config
     halved = HalvedLogits(config).double()
     assert output_layer(halved) is None

@@ -267,6 +267,7 @@ def test_when_later_rounds_share():
     assert later_rounds_share("auto", [long] * 4, [0, 0, 1, 1]) and not later_rounds_share("auto", [short] * 4, [0, 0, 1, 1])
     # the prompt with the most rows still going decides (prefix_groups then shares only where columns are saved)
     assert later_rounds_share("auto", [long] * 6, [0, 0, 0, 1, 2, 3]) and not later_rounds_share("auto", [long] * 3, [0, 1, 2])
+    assert later_rounds_share("auto", [long, long, short], [0, 0, 1])  # another prompt's short row does not decide
 
 
 def test_a_tool_loop_with_the_builtin_model_is_the_same_shared_or_not(builtin_model_dir, tokenizer):

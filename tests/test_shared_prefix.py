@@ -186,6 +186,15 @@ def test_gradients_under_gradient_checkpointing_equal_the_per_sample_update(buil
     assert compared > 0
 
 
+def test_reentrant_checkpointing_is_refused_not_silently_wrong(built):
+    """Reentrant checkpointing would build the prefix's keys/values without a graph (its gradient lost): the
+    trainer asks for non-reentrant, and a model switched to reentrant gets an error naming the fix."""
+    run, rollouts = built(train_mode="full", beta=0.0, reference_mode="none", shared_prefix="on", gradient_checkpointing=True)
+    run.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(RuntimeError, match="non-reentrant gradient checkpointing.*--shared_prefix off"):
+        gradients_of_one_update(run, rollouts, list(range(9)))
+
+
 @pytest.mark.parametrize("train_mode", ["full", "lora"])
 def test_bf16_gradients_match_within_rounding(built, train_mode):
     grads = {}
