@@ -112,9 +112,13 @@ def synthetic(prompt_len: int, group: int, response: int, vocab: int, groups: in
 PROMPT_LENGTHS = (2, 4, 8, 16, 32, 80, 256)
 
 
+def vocab_of(run) -> int:
+    return run.policy.config.vocab_size if hasattr(run.policy, "config") else 49152
+
+
 def bench_break_even(run, repeats: int) -> None:
     run.policy.eval()
-    vocab = run.policy.config.vocab_size if hasattr(run.policy, "config") else 49152
+    vocab = vocab_of(run)
     with torch.no_grad():
         for share in (False, True):  # warm-up: the first calls of a shape pay for the kernels' set-up
             batched_forward(run.policy, synthetic(PROMPT_LENGTHS[0], 8, 32, vocab), list(range(16)), 8, 0.7, share=share)
@@ -132,7 +136,7 @@ def bench_break_even(run, repeats: int) -> None:
 def bench_update_break_even(run, repeats: int) -> None:
     """The update's break-even: forward + backward of 2 groups x 8 synthetic samples (32-token responses) at the
     configured micro-batch size (1, the default), per sample against shared, over the prompt lengths above."""
-    vocab = run.policy.config.vocab_size if hasattr(run.policy, "config") else 49152
+    vocab = vocab_of(run)
     norm = LossNorm(num_tokens=16 * 32, num_sequences=16, max_response_length=32)
     advantages = torch.randn(16)
 

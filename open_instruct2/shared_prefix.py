@@ -68,8 +68,7 @@ def saved_fraction(rollouts: Rollouts, rows: list[int], groups: list[int]) -> fl
     out of rows x (C + response columns)."""
     if not rows:
         return 0.0
-    left = shared_left_padding(rollouts, rows)
-    prefix = rollouts.prompt_width - 1 - left
+    prefix = prefix_columns(rollouts, rows)
     response = int(rollouts.response_lengths[rows].float().mean()) + 1  # forwarded columns: tool output included
     return (len(rows) - len(set(groups))) * prefix / (len(rows) * (prefix + response))
 
@@ -78,9 +77,15 @@ def should_share(mode: str, decoder, rollouts: Rollouts, rows: list[int]) -> boo
     """Whether a pass over `rows` shares prefixes: off never; on always; auto when it saves enough
     (AUTO_MIN_SAVED_FRACTION). Never for a model whose cache cannot be expanded (`shareable`). Gradient checkpointing
     changes nothing here: a checkpointed layer keeps these passes' caches (`_layers_keep_the_cache`)."""
-    if mode == "off" or not rows or rollouts.prompt_width - 1 - shared_left_padding(rollouts, rows) < 1 or not shareable(decoder):
-        return False  # no column before the last prompt token that is not padding in every row: nothing to share
+    if mode == "off" or not rows or prefix_columns(rollouts, rows) < 1 or not shareable(decoder):
+        return False
     return mode == "on" or saved_fraction(rollouts, rows, group_rows(rollouts, rows)) >= AUTO_MIN_SAVED_FRACTION
+
+
+def prefix_columns(rollouts: Rollouts, rows: list[int]) -> int:
+    """The columns a shared pass over `rows` forwards once per group: those before the last prompt token, less the
+    left padding every row has (0: nothing to share)."""
+    return rollouts.prompt_width - 1 - shared_left_padding(rollouts, rows)
 
 
 def shared_left_padding(rollouts: Rollouts, rows: list[int]) -> int:
